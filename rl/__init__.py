@@ -1,0 +1,1 @@
+"""Driver, config, learner actor, objectives, checkpoints, metrics and the bench CLI."""

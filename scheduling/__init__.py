@@ -1,0 +1,1 @@
+"""Infinite Sampling scheduling, pure Python: length prediction, FPTAS packing, SJF refill, simulator."""
