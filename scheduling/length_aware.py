@@ -1,0 +1,166 @@
+"""`length_aware`: predicted lengths, FPTAS packing under the KV budget, SJF refill.
+
+Reservation accounting: a running sequence reserves its predicted peak KV, prompt + generated +
+predicted remaining (revised upward as it outlives its prediction); a pending one reserves
+prompt + predicted length. A plan keeps the sum of reservations <= the KV budget, and the number
+of running sequences <= slots. Actual KV (prompt + generated) never exceeds the reservation, so
+the budget can only be overrun when sequences outlive their predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .base import SchedulingPolicy, register_policy
+from .knapsack import fptas_knapsack
+from .predictors import LengthPredictor, make_predictor
+from .types import Seq, SeqId
+
+
+@register_policy
+class LengthAwarePolicy(SchedulingPolicy):
+    """Global grouping by FPTAS, then shortest-predicted-remaining-first refill.
+
+    * Grouping (nothing running, or free reserved KV >= `regroup_fraction` * budget): a 0/1
+      knapsack over the pending sequences, value = predicted output tokens (tokens in flight),
+      weight = predicted peak KV, capacity = free KV, eps = `eps`. When the slots bind before the
+      KV does, the highest-value sequences that fit win (optimal for that case).
+    * Refill (otherwise): pending sequences by shortest predicted remaining length, each admitted
+      if it fits, so short ones turn KV over quickly (SJF, arXiv 2408.15792 style).
+    * Tail guard (`tail_guard`): SJF alone starts the longest sequences last and they then set the
+      makespan. With D = projected lower bound on the remaining steps and delta = steps until the
+      next running sequence is predicted to finish, a pending sequence with predicted length
+      > D - delta is urgent: urgent ones go first, longest first; if the first urgent one does
+      not fit, only sequences predicted to finish before it could start are admitted
+      (EASY backfilling), so SJF never starves it.
+    * Ties (equal predictions, e.g. samples of the same prompt) keep arrival order, so siblings
+      of a micro-group are admitted together and share the prompt's cached prefix.
+    """
+
+    name = "length_aware"
+
+    def __init__(
+        self,
+        predictor: LengthPredictor | str = "token_conditioned",
+        eps: float = 0.05,
+        regroup_fraction: float = 0.5,
+        tail_guard: bool = True,
+        **predictor_kw,
+    ) -> None:
+        if not 0.0 < regroup_fraction <= 1.0:
+            raise ValueError(f"regroup_fraction must be in (0, 1], got {regroup_fraction}")
+        self.predictor = (
+            make_predictor(predictor, **predictor_kw) if isinstance(predictor, str) else predictor
+        )
+        self.eps = eps
+        self.regroup_fraction = regroup_fraction
+        self.tail_guard = tail_guard
+        self.last_mode = ""  # "group" or "refill": which path the latest plan took (for tests/logs)
+
+    def begin_rollout(self, seqs: Sequence[Seq]) -> None:
+        self.predictor.begin_rollout()
+
+    def on_finished(self, seq: Seq, length: int) -> None:
+        self.predictor.observe(seq, length)
+
+    # -----------------------------------------------------------------------------------------
+    def _remaining(self, seqs: Sequence[Seq]) -> np.ndarray:
+        """Predicted remaining tokens; for a group-level predictor, samples of one prompt at the
+        same progress share one call (a plan then costs O(B) predictions, not O(B * G))."""
+        cache: dict[tuple, float] = {}
+        out = np.empty(len(seqs))
+        group_level = self.predictor.group_level
+        for i, s in enumerate(seqs):
+            key = (
+                (s.group_id, s.generated, s.prompt_tokens, s.max_new_tokens)
+                if group_level
+                else (s.seq_id, s.generated)
+            )
+            r = cache.get(key)
+            if r is None:
+                r = cache[key] = float(self.predictor.predict_remaining(s))
+            out[i] = r
+        return out
+
+    def plan(self, pending, running, kv_budget_tokens, slots) -> list[SeqId]:
+        free_slots = slots - len(running)
+        if free_slots <= 0 or not pending:
+            return []
+        run_rem = self._remaining(running)
+        run_kv = np.array([s.kv_tokens for s in running], dtype=float)
+        run_peak = run_kv + run_rem
+        free_kv = kv_budget_tokens - float(run_peak.sum())
+        rem = self._remaining(pending)
+        peak = np.array([s.kv_tokens for s in pending], dtype=float) + rem
+        if not running or free_kv >= self.regroup_fraction * kv_budget_tokens:
+            self.last_mode = "group"
+            chosen = self._group(rem, peak, free_kv, free_slots)
+        else:
+            self.last_mode = "refill"
+            chosen = self._refill(pending, running, rem, peak, run_rem, run_peak, free_kv,
+                                  free_slots, kv_budget_tokens, slots)
+        if not chosen and not running:
+            # nothing is predicted to fit an empty engine: run the smallest alone rather than stall
+            chosen = [int(np.argmin(peak))]
+        return [pending[i].seq_id for i in chosen]
+
+    def _group(self, rem, peak, free_kv, free_slots) -> list[int]:
+        fits = np.flatnonzero(peak <= free_kv)
+        if fits.size == 0:
+            return []
+        # slots bind first? the top-`free_slots` values that fit together are then optimal
+        by_value = fits[np.lexsort((fits, -rem[fits]))][:free_slots]
+        if peak[by_value].sum() <= free_kv:
+            return sorted(by_value.tolist())
+        picked = np.asarray(fptas_knapsack(rem[fits], peak[fits], free_kv, self.eps), dtype=int)
+        picked = fits[picked]
+        if picked.size > free_slots:  # both constraints bind: keep the most valuable
+            picked = picked[np.lexsort((picked, -rem[picked]))][:free_slots]
+        return sorted(picked.tolist())
+
+    def _refill(self, pending, running, rem, peak, run_rem, run_peak, free_kv, free_slots,
+                kv_budget, slots) -> list[int]:
+        n = len(pending)
+        idx = np.arange(n)
+        running_groups = {s.group_id for s in running}
+        sib = np.array([0 if s.group_id in running_groups else 1 for s in pending])
+        urgent = np.zeros(n, dtype=bool)
+        if self.tail_guard:
+            # projected lower bound on the steps left, from predictions (same form as the
+            # simulator's bound, plus the reserved-KV x time bound)
+            all_rem = np.concatenate([run_rem, rem])
+            all_peak = np.concatenate([run_peak, peak])
+            horizon = max(
+                float(all_rem.max()),
+                math.ceil(all_rem.sum() / max(slots, 1)),
+                math.ceil(float(all_peak @ all_rem) / max(kv_budget, 1)),
+            )
+            delta = float(run_rem.min())
+            urgent = rem > horizon - delta
+        # urgent first (longest first), then SJF; ties: siblings of running groups, then arrival
+        order = np.lexsort((idx, sib, np.where(urgent, -rem, rem), ~urgent))
+        chosen: list[int] = []
+        backfill_until = math.inf  # once an urgent one is blocked: only jobs done before it starts
+        for i in order.tolist():
+            if free_slots <= 0:
+                break
+            if rem[i] > backfill_until:
+                continue
+            if peak[i] <= free_kv:
+                chosen.append(i)
+                free_kv -= peak[i]
+                free_slots -= 1
+            elif urgent[i] and backfill_until == math.inf:
+                backfill_until = self._start_time(peak[i], free_kv, run_rem, run_peak)
+        return sorted(chosen)
+
+    @staticmethod
+    def _start_time(need_kv: float, free_kv: float, run_rem: np.ndarray, run_peak: np.ndarray):
+        """Predicted steps until `need_kv` of reserved KV is free, as running sequences finish."""
+        order = np.argsort(run_rem, kind="stable")
+        freed = free_kv + np.cumsum(run_peak[order])
+        k = int(np.searchsorted(freed, need_kv, side="left"))
+        return float(run_rem[order[min(k, order.size - 1)]])
