@@ -167,6 +167,14 @@ def group_sum(values: Tensor, inv: Tensor, k: int) -> Tensor:
     return torch.zeros(k, dtype=values.dtype, device=values.device).index_add_(0, inv, values)
 
 
+def constant_groups(values: Tensor, inv: Tensor, k: int) -> Tensor:
+    """[K] bool: True for groups whose ``values`` [N] are all equal (incl. groups of one)."""
+    gmax = torch.full((k,), -math.inf, dtype=values.dtype, device=values.device)
+    gmin = torch.full((k,), math.inf, dtype=values.dtype, device=values.device)
+    gmax = gmax.scatter_reduce(0, inv, values, "amax")
+    return gmax == gmin.scatter_reduce(0, inv, values, "amin")
+
+
 def grpo_scores(
     rewards: Tensor, group: Tensor, norm_by_std: bool = True, std_unbiased: bool = True,
     eps: float = 1e-6,
@@ -184,9 +192,7 @@ def grpo_scores(
     ss = group_sum(centred.square(), inv, k)
     denom = (count - 1.0).clamp_min(1.0) if std_unbiased else count
     std = torch.sqrt(ss / denom)
-    gmax = torch.full((k,), -math.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amax")
-    gmin = torch.full((k,), math.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amin")
-    degenerate = (count < 2) | (gmax == gmin)
+    degenerate = (count < 2) | constant_groups(r, inv, k)
     score = centred / (std[inv] + eps) if norm_by_std else centred
     score = torch.where(degenerate[inv], torch.zeros_like(score), score)
     metrics = {"adv/zero_group_frac": float(degenerate.to(torch.float64).mean().item())}

@@ -5,7 +5,8 @@ its abstract: each branch is clipped in its own trust region BEFORE mixing, and 
 are mixed either with a fixed average or with entropy-guided per-token weights.
 
     r_t  = exp(lp_t - old_t)                 token ratio (GRPO)
-    s_i  = exp(mean_t (lp_t - old_t))        sequence ratio (GSPO, arXiv:2507.18071), token form
+    s_i  = exp(mean_t (lp_t - old_t))        sequence ratio (GSPO, arXiv:2507.18071), exact:
+                                             its gradient reaches every token of y_i
     rc_t = clip(r_t, 1-eps_tl, 1+eps_th);    sc_i = clip(s_i, 1-eps_sl, 1+eps_sh)
     arithmetic: R_t = w_t r_t + (1-w_t) s_i,      Rc_t = w_t rc_t + (1-w_t) sc_i
     geometric:  R_t = r_t^w_t * s_i^(1-w_t),      Rc_t = rc_t^w_t * sc_i^(1-w_t)
@@ -47,7 +48,10 @@ def dhpo_token_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, w
                     form: str = "arithmetic") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token DHPO loss [N, T]; also returns R, Rc [N, T] and the clipped flag [N, T]."""
     log_r = logp - old_logp
-    log_s = seq_log_ratio(logp, old_logp, mask).detach()[:, None] + logp - logp.detach()
+    # exact s_i (differentiable through every token of y_i), not GSPO's token form: the two
+    # agree only when a response's tokens share A, w and the clip state, which DHPO's per-token
+    # mixing and per-token clipping break; the exact form keeps the loss's gradient its derivative
+    log_s = seq_log_ratio(logp, old_logp, mask)[:, None].expand_as(logp)
     if form == "arithmetic":
         r, s = torch.exp(log_r), torch.exp(log_s)
         rc = r.clamp(1.0 - eps_tl, 1.0 + eps_th)

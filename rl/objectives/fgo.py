@@ -50,7 +50,7 @@ def fgo_weights(correct: Tensor, lengths: Tensor, entropies: Tensor, group: Tens
     len_term = torch.where(correct, mean_l / (length + _EPS), length / (mean_l + _EPS)) ** alpha
     raw = len_term * ent_term
     # softmax within the subgroup, shifted by the subgroup max for stability
-    peak = torch.full((k,), -float("inf"), dtype=dtype).scatter_reduce(0, sub, raw, "amax")
+    peak = torch.full((k,), -float("inf"), dtype=dtype, device=raw.device).scatter_reduce(0, sub, raw, "amax")
     e = torch.exp(raw - peak[sub])
     return e / group_sum(e, sub, k)[sub]
 

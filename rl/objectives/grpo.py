@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .base import Objective, PolicyLossConfig
 from .common import (
-    advantage_metrics, broadcast_to_tokens, clip_metrics, clipped_pg, group_index,
+    advantage_metrics, broadcast_to_tokens, clip_metrics, clipped_pg, constant_groups, group_index,
     grpo_scores, masked_mean,
 )
 from .registry import register_objective
@@ -44,10 +44,7 @@ def filter_groups(rewards: Tensor, group: Tensor) -> Tensor:
     """DAPO dynamic sampling keep-mask [N] bool: False for every member of a group whose
     rewards are all equal (zero advantage -> no gradient, it only dilutes the batch)."""
     inv, k = group_index(group)
-    r = rewards.to(torch.float64)
-    gmax = torch.full((k,), -float("inf"), dtype=r.dtype).scatter_reduce(0, inv, r, "amax")
-    gmin = torch.full((k,), float("inf"), dtype=r.dtype).scatter_reduce(0, inv, r, "amin")
-    return (gmax != gmin)[inv]
+    return ~constant_groups(rewards.to(torch.float64), inv, k)[inv]
 
 
 @dataclass(kw_only=True)
