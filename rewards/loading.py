@@ -273,8 +273,10 @@ def make_plan(fn: Callable[..., Any], label: str, convention: str | None, kwargs
             # Explicit convention with other names: inputs go positionally, in order.
             slots = len(positional_params) if not var_args else len(primary)
             positional = primary[: min(len(primary), slots)]
-    elif var_kwargs:
-        keyword = primary  # the missing inputs land in **kwargs, as in TRL
+    elif var_kwargs and convention != "plain":
+        # TRL and verl call by keyword, so their missing inputs land in **kwargs; a plain
+        # function's **columns receives dataset columns only.
+        keyword = primary
     if _NEEDED[convention] not in positional + keyword:
         raise _fail(
             label,
