@@ -225,6 +225,11 @@ def test_hapo_adaptive_temperature_example():
     # T_t = 1 * (1 + 0.05 * ĥ): [0.95, 0.965052, 0.984949, 1.0, 1.05]
     temps = adaptive_temperature(logits, stats, 1.0, 0.05)
     assert torch.allclose(temps.double(), t([0.95, 0.965052, 0.984949, 1.0, 1.05]), atol=1e-5)
+    obj_temps = get_objective("hapo", tau=0.1).temperatures(logits, stats, 1.0)  # tau from config
+    assert torch.allclose(obj_temps.double(), t([0.9, 0.930103, 0.969897, 1.0, 1.1]), atol=1e-5)
+    # the stats recover the batch's log-entropy range: x in [log 0.1, log 2]
+    assert stats.x_min == pytest.approx(math.log(0.1), abs=1e-12)
+    assert stats.x_max == pytest.approx(math.log(2.0), abs=1e-12)
     # first step (no stats) samples at T; an entropy beyond the batch max is clamped to ĥ = 1
     assert torch.equal(adaptive_temperature(logits, None, 0.7), torch.full((5,), 0.7))
     hot = _logits_with_entropy(2.7)[None]

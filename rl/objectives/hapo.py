@@ -49,6 +49,16 @@ class EntropyStats:
     code_compat: bool = False
     """reproduce the reference code's sign slip (ĥ >= 0)"""
 
+    @property
+    def x_max(self) -> float:
+        """largest log-entropy of the batch (x-space)"""
+        return self.pivot + self.h_max * self.scale
+
+    @property
+    def x_min(self) -> float:
+        """smallest log-entropy of the batch (x-space)"""
+        return self.pivot + self.h_min * self.scale
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -165,7 +175,7 @@ class HAPOConfig(PolicyLossConfig):
     """a group with any |A| >= this falls back to the GRPO advantage"""
     std_unbiased: bool = True
     """Bessel-corrected std of the GRPO fallback advantage"""
-    temperature_tau: float = 0.05
+    tau: float = 0.05
     """rollout adaptive temperature T_t = T*(1 + tau*ĥ_t)"""
     hapo_code_compat: bool = False
     """reproduce the public reference code's sign slip (ĥ >= 0)"""
@@ -198,7 +208,7 @@ class HAPO(Objective):
 
     def temperatures(self, logits: Tensor, stats: Optional[EntropyStats], base_temperature: float) -> Tensor:
         """adaptive_temperature with this objective's tau: logits [B, V] -> [B]."""
-        return adaptive_temperature(logits, stats, base_temperature, self.cfg.temperature_tau)
+        return adaptive_temperature(logits, stats, base_temperature, self.cfg.tau)
 
     def advantages(self, rewards: Tensor, group: Tensor, mask: Tensor,
                    logp: Optional[Tensor] = None) -> Tensor:
