@@ -140,7 +140,9 @@ def length_penalty(completion: str, completion_ids: Sequence[int] | None = None,
     if budget <= 0:
         raise ValueError(f"length_penalty: budget must be > 0, got {budget}")
     n = _length(completion, completion_ids, completion_length)
-    return -penalty * min(1.0, max(0, n - budget) / budget)
+    if n <= budget:
+        return 0.0
+    return -penalty * min(1.0, (n - budget) / budget)
 
 
 @register("dapo_overlong")
