@@ -34,7 +34,8 @@ def main() -> None:
 
     n = args.samples
     prompts = ["What is 6 * 7?"] * n
-    completions = ["x" * args.completion_chars] * n
+    # distinct strings: pickle would send one shared object only once
+    completions = [f"{i} " + "x" * args.completion_chars for i in range(n)]
     columns = {"answer": ["42"] * n}
     group = [i // 8 for i in range(n)]
     for label, path in [("plain (per-sample)", "rewards.bench_overhead:trivial_plain"),

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from rewards.calling import ERROR, OK, TIMEOUT, Outcome
+from rewards.calling import OK, TIMEOUT, Outcome
 from rewards.loading import LoadedReward
 
 

@@ -94,6 +94,7 @@ class RewardExecutor:
         self._info = [(f.name, f.path, f.kwargs, f.plan) for f in self.functions]
         self._ctx = mp_context or default_context()
         self._next_id = 0
+        self._step = 0
         self.restarts = 0
         self._local = [ChunkRunner(f.fn, f.plan, f.kwargs, self.timeout_s) for f in self.functions]
         # Workers start now, in the background: their imports overlap the first rollout.
@@ -123,6 +124,11 @@ class RewardExecutor:
         """Score N completions. columns: dataset columns, each a list of N values; group: [N]
         prompt-group id of each sample (used by on_error="skip_group")."""
         t0 = time.perf_counter()
+        if self.num_workers and not self._workers:
+            raise RewardError("this RewardExecutor is closed (or failed to start its workers); create a new one.")
+        # A step interrupted mid-way (Ctrl-C, a raised RewardError) can leave tasks in flight;
+        # the step number lets their late results be recognised and dropped.
+        self._step += 1
         columns = dict(columns or {})
         n = len(completions)
         group = list(range(n)) if group is None else list(group)
@@ -166,7 +172,7 @@ class RewardExecutor:
                 # when a worker is killed mid-chunk.
                 size = min(64, max(1, math.ceil(n / (4 * workers))))
             for a in range(0, n, max(1, size)):
-                tasks.append(Task(fn_idx, list(range(a, min(n, a + size)))))
+                tasks.append(Task(fn_idx, list(range(a, min(n, a + size))), step=self._step))
         return tasks
 
     def _slice(self, task: Task) -> tuple[list[list], dict[str, list]]:
@@ -178,6 +184,8 @@ class RewardExecutor:
         return [[p[j] for j in idx] for p in pos], {k: [v[j] for j in idx] for k, v in kw.items()}
 
     def _record(self, task: Task, outcomes: list[Outcome], seconds: float) -> None:
+        if task.step != self._step:
+            return  # left over from an interrupted step
         self._seconds[task.fn_idx] += seconds
         row = self._outcomes[task.fn_idx]
         for j, outcome in zip(task.indices, outcomes):
@@ -307,12 +315,12 @@ class RewardExecutor:
                 blamed = []  # between calls: nothing to blame, redo the chunk
             if blamed:
                 b = set(blamed)
-                self._record(Task(task.fn_idx, blamed), [(status, message, None)] * len(blamed),
+                self._record(Task(task.fn_idx, blamed, step=task.step), [(status, message, None)] * len(blamed),
                              time.monotonic() - task.sent_at)
                 rest = [j for j in task.indices if j not in b]
             else:
                 rest = task.indices
-            if rest:
+            if rest and task.step == self._step:
                 # Results of calls finished before the kill were lost with the process: redo them.
-                tasks.appendleft(Task(task.fn_idx, rest))
+                tasks.appendleft(Task(task.fn_idx, rest, step=task.step))
         self._workers.append(self._start_worker())

@@ -59,6 +59,7 @@ class Task:
 
     fn_idx: int
     indices: list[int]
+    step: int = 0
     id: int = 0
     sent_at: float = 0.0
 

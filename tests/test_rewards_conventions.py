@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from rewards import RewardExecutor, RewardSpec, load_reward_functions
+from rewards import RewardError, RewardExecutor, RewardSpec, load_reward_functions
 
 # TRL documentation shape: batch in, one float (or None) per completion out, columns as kwargs.
 TRL_SRC = r'''
@@ -200,3 +200,18 @@ def test_verl_ground_truth_mapping():
         assert r.metrics["reward/echo/no_extra/mean"] == 0.0
         r = ex.score(["p"], ["a"], {"ground_truth": ["a"], "answer": ["b"]}, [0])
         assert r.scores["echo"] == [1.0]
+
+
+def test_many_chunks_keep_sample_order():
+    # 300 samples -> per-sample chunks of 38 (plain) and one chunk per worker (TRL)
+    fns = load_reward_functions([RewardSpec(path="rewards.bench_overhead:trivial_trl"),
+                                 RewardSpec(path="length_penalty", kwargs={"budget": 1}, weight=0.0)])
+    completions = ["x" * (1 + i % 3) for i in range(300)]
+    ex = RewardExecutor(fns, num_workers=2)
+    r = ex.score(["p"] * 300, completions, {}, [i // 6 for i in range(300)])
+    assert r.scores["length_penalty"] == [-min(1.0, float(len(c) - 1)) if len(c) > 1 else 0.0
+                                          for c in completions]
+    assert r.scores["trivial_trl"] == [1.0] * 300
+    ex.close()
+    with pytest.raises(RewardError, match="closed"):
+        ex.score(["p"], ["c"], {}, [0])
