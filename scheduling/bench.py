@@ -43,8 +43,7 @@ def simulate_policies(
 ) -> list[dict]:
     """One row of measures per policy. `predictor` is a name ("oracle" is built from the trace)
     or an instance, deep-copied per policy so every policy starts from the same state.
-    kv_budget_tokens None: slots x (mean prompt + mean length), the KV that `slots` average
-    sequences hold at their end."""
+    kv_budget_tokens None: see `default_kv_budget`."""
     trace = Trace.coerce(trace)
     if kv_budget_tokens is None:
         kv_budget_tokens = default_kv_budget(trace, slots)
@@ -71,9 +70,11 @@ def simulate_policies(
 
 
 def default_kv_budget(trace: Trace, slots: int) -> int:
-    prompts = np.mean([p for _, p, _ in trace.items])
-    lengths = np.mean(trace.lengths)
-    return int(slots * (prompts + lengths))
+    """slots x (mean prompt + max_new_tokens): an engine sized so that `slots` sequences of full
+    length fit, i.e. the slot count, not the KV, is the binding limit (as vLLM's max_num_seqs
+    with enough KV). Pass a smaller budget to study the KV-bound regime."""
+    prompts = float(np.mean([p for _, p, _ in trace.items]))
+    return int(slots * (prompts + trace.max_new_tokens))
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap.add_argument("--group-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--slots", type=int, default=32)
-    ap.add_argument("--kv-budget", type=int, default=None, help="default: slots x (mean prompt + mean length)")
+    ap.add_argument("--kv-budget", type=int, default=None, help="default: slots x (mean prompt + max_new_tokens)")
     ap.add_argument("--predictor", default="oracle,token_conditioned",
                     help="comma-separated predictor names for length_aware")
     ap.add_argument("--warmup-steps", type=int, default=4,

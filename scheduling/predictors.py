@@ -9,6 +9,7 @@ evidence is dropped, learned weights are kept.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from abc import ABC, abstractmethod
 from typing import Callable, Mapping
 
@@ -60,6 +61,11 @@ class LengthPredictor(ABC):
     @abstractmethod
     def predict_remaining(self, seq: Seq) -> float:
         """Expected output tokens still to come given seq.generated; never below 1."""
+
+    def remaining_quantile(self, seq: Seq, q: float) -> float:
+        """q-quantile of the remaining tokens (>= 1). Default: the mean, for predictors without
+        a spread (oracle, constant); schedulers use it to spot sequences that may run long."""
+        return self.predict_remaining(seq)
 
     def observe(self, seq: Seq, final_length: int) -> None:
         """A sequence finished with `final_length` output tokens (learning hook)."""
@@ -202,6 +208,17 @@ class TokenConditionedPredictor(LengthPredictor):
         mu, sigma = self._log_params(seq)
         total = lognormal_clipped_mean(mu, sigma, float(seq.generated), float(seq.max_new_tokens))
         return max(1.0, total - seq.generated)
+
+    def remaining_quantile(self, seq: Seq, q: float) -> float:
+        # P(L > x | L > g) = 1 - q  <=>  Sf(z_x) = (1 - q) * Sf(z_g) for the lognormal model
+        mu, sigma = self._log_params(seq)
+        g, cap = float(seq.generated), float(seq.max_new_tokens)
+        p_alive = _sf((math.log(g) - mu) / sigma) if g > 0 else 1.0
+        tail = (1.0 - q) * p_alive
+        if tail <= 1e-300:
+            return max(1.0, cap - g)
+        x = math.exp(min(mu + sigma * NormalDist().inv_cdf(1.0 - tail), 700.0))
+        return max(1.0, min(cap, x) - g)
 
     def observe(self, seq: Seq, final_length: int) -> None:
         y = math.log(max(1, int(final_length)))

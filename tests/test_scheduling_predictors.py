@@ -112,3 +112,26 @@ def test_group_evidence_sharpens_predictions():
             p.observe(s, n)
         warm.append(abs(math.log(p.predict(grp[-1][0])) - true_med))
     assert np.mean(warm) < 0.8 * np.mean(cold)
+
+
+def test_remaining_quantile_matches_monte_carlo():
+    p = TokenConditionedPredictor()
+    s = Seq(0, 0, 40, max_new_tokens=2048, prompt_ids=tuple(range(40)), generated=100)
+    mu, sigma = p._log_params(s)
+    rng = np.random.default_rng(1)
+    x = np.exp(rng.normal(mu, sigma, 2_000_000))
+    alive = np.minimum(x[x > 100], 2048) - 100
+    for q in (0.5, 0.9):
+        assert p.remaining_quantile(s, q) == pytest.approx(np.quantile(alive, q), rel=0.02)
+    assert p.remaining_quantile(s, 0.99) > p.remaining_quantile(s, 0.9) > p.remaining_quantile(s, 0.5)
+
+
+def test_scheduling_imports_no_heavy_frameworks():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, scheduling.bench, scheduling.policies, scheduling.simulator;"
+        "bad = [m for m in ('torch', 'ray', 'vllm') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
