@@ -144,6 +144,8 @@ class RewardExecutor:
         tasks = self._make_tasks(n)
         if self.num_workers == 0:
             for task in tasks:
+                if self._abort is not None:
+                    break
                 self._record(task, *self._local[task.fn_idx].run(len(task.indices), *self._slice(task)))
         elif n:
             self._run_pool(tasks)
