@@ -1,0 +1,101 @@
+"""Ray actor shells around the plain worker classes, and the groups the driver talks to."""
+
+from __future__ import annotations
+
+import socket
+
+import ray
+
+from rl.config import Config
+from rl.learner import Learner, LearnerSettings, TrainBatch
+from rollout.records import RolloutResult, SampleRequest
+from rollout.worker import RolloutWorker
+
+# Actor environment: quiet vLLM, no tokenizer thread pools fighting the model for 2 cores.
+ACTOR_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false",
+             "RAY_DEDUP_LOGS": "1"}
+
+
+def _gpu_available() -> bool:
+    return bool(ray.cluster_resources().get("GPU", 0))
+
+
+def _actor_options() -> dict:
+    """One GPU per worker where there are GPUs; on CPU-only machines the phases of a step run
+    one after another, so actors reserve no CPUs and all of them share the cores."""
+    if _gpu_available():
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_cpus": 0}
+
+
+@ray.remote
+class RolloutActor(RolloutWorker):
+    """A RolloutWorker in its own process."""
+
+    def ready(self) -> bool:
+        return True
+
+
+@ray.remote
+class LearnerActor(Learner):
+    """A Learner (one data-parallel rank) in its own process."""
+
+
+class RolloutGroup:
+    """Rollout workers; a step's prompts are split among them by whole groups."""
+
+    def __init__(self, config: Config, model_path: str, seed: int, logits_processors=None):
+        r = config.rollout
+        opts = _actor_options()
+        max_model_len = config.data.max_prompt_tokens + r.max_new_tokens
+        self.workers = [
+            RolloutActor.options(**opts, runtime_env={"env_vars": ACTOR_ENV}).remote(
+                model_path, dtype=config.model.dtype, max_model_len=max_model_len,
+                gpu_memory_utilization=r.gpu_memory_utilization,
+                seed=(r.seed if r.seed is not None else seed) + 1000 * i,
+                enforce_eager=r.enforce_eager, logits_processors=logits_processors)
+            for i in range(r.workers)
+        ]
+        ray.get([w.ready.remote() for w in self.workers])
+
+    def generate(self, requests: list[SampleRequest], **sampling) -> list[RolloutResult]:
+        shards = [requests[i::len(self.workers)] for i in range(len(self.workers))]
+        refs = [w.generate.remote(shard, **sampling) for w, shard in zip(self.workers, shards) if shard]
+        return ray.get(refs)
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+class LearnerGroup:
+    """Data-parallel learners; rank 0 exports weights and writes checkpoints."""
+
+    def __init__(self, config: Config, settings: LearnerSettings):
+        n = config.learner.workers
+        opts = _actor_options()
+        env = {"runtime_env": {"env_vars": ACTOR_ENV}}
+        # Rendezvous of the process group: a free port on this (the driver's) node. Rank 0
+        # hosts the store there, so on a multi-node cluster rank 0 must share the driver's node.
+        address = _free_address() if n > 1 else None
+        self.workers = [LearnerActor.options(**opts, **env).remote(settings, rank, n, address)
+                        for rank in range(n)]
+        self.rank0 = self.workers[0]
+
+    def update(self, shards: list[TrainBatch]) -> dict:
+        results = ray.get([w.update.remote(s) for w, s in zip(self.workers, shards)])
+        return results[0]  # metrics are already reduced over ranks
+
+    def call_all(self, method: str, *args):
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+def _free_address() -> str:
+    ip = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return f"{ip}:{s.getsockname()[1]}"

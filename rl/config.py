@@ -1,0 +1,316 @@
+"""Typed configuration: OmegaConf YAML + `key=value` overrides -> validated dataclasses.
+
+Every field has a one-line docstring (the string under it). Batch sizes say what they count
+in their name: `prompts_per_step` counts prompts, `group_size` samples per prompt, so a step
+trains on `prompts_per_step * group_size` sequences.
+
+Errors are `ConfigError`: one paragraph naming the field, the value and the fix, raised
+before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rl.errors import ConfigError
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank; 0 trains all weights (full fine-tuning)."""
+    alpha: float = 32.0
+    """LoRA scaling numerator (scale = alpha / rank)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the linear layers that get adapters."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "demo:SmolLM2-135M-Instruct"
+    """Hugging Face directory or hub name; `demo:SmolLM2-135M-Instruct` is the bundled demo model."""
+    dtype: str = "bfloat16"
+    """Rollout weights dtype and learner autocast dtype: bfloat16 | float16 | float32 (master weights stay float32)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (rank 0 = off)."""
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("bfloat16", "float16", "float32"))
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:arithmetic"
+    """Local .jsonl/.json/.parquet/.csv file or directory, a hub dataset name, or `builtin:arithmetic`."""
+    split: str = "train"
+    """Dataset split to train on."""
+    prompt_key: str = "prompt"
+    """Column with the prompt: a string, or a list of chat messages."""
+    answer_key: str | None = "answer"
+    """Column with the reference answer, passed to reward functions (null: none)."""
+    prompts_per_step: int = 8
+    """Prompts drawn per training step (each sampled `rollout.group_size` times)."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this (after the chat template) are dropped, with a count in the log."""
+    system_prompt: str | None = None
+    """System message prepended when the chat template is applied."""
+    apply_chat_template: bool = True
+    """Apply the tokenizer's chat template when it has one."""
+    shuffle: bool = True
+    """Shuffle once per epoch (seeded by trainer.seed)."""
+
+    def __post_init__(self):
+        _positive("data.prompts_per_step", self.prompts_per_step)
+        _positive("data.max_prompt_tokens", self.max_prompt_tokens)
+
+
+@dataclass
+class RolloutConfig:
+    workers: int = 1
+    """Number of rollout actors, each owning one vLLM engine; a step's prompts are split among them."""
+    group_size: int = 8
+    """Samples per prompt (G)."""
+    max_new_tokens: int = 128
+    """Longest response, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (the learner scores tokens at the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    gpu_memory_utilization: float = 0.3
+    """GPU: fraction of GPU memory for vLLM. CPU: fraction of the NUMA node's RAM for weights + KV cache."""
+    enforce_eager: bool = True
+    """Skip torch.compile / CUDA graphs (start-up 8 s instead of 80 s on CPU)."""
+    seed: int | None = None
+    """Engine seed; null derives it from trainer.seed and the worker index."""
+
+    def __post_init__(self):
+        _positive("rollout.workers", self.workers)
+        _positive("rollout.group_size", self.group_size)
+        _positive("rollout.max_new_tokens", self.max_new_tokens)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p = {self.top_p} is out of range: use a value in (0, 1].")
+        if self.temperature <= 0:
+            raise ConfigError(f"rollout.temperature = {self.temperature} must be > 0 for RL sampling.")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "grpo"
+    """Objective registered in rl.objectives (grpo, dr_grpo, dapo, gspo, fgo, hapo, dhpo)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Its hyperparameters; written in YAML next to `name` (e.g. `objective.eps_high: 0.28`)."""
+
+
+@dataclass
+class RewardFunctionConfig:
+    path: str = "arithmetic"
+    """`module:function`, `path/to/file.py:function`, or a built-in name."""
+    weight: float = 1.0
+    """Weight in the weighted sum of rewards."""
+    name: str | None = None
+    """Name in metrics (default: the function's name)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments passed on every call."""
+    convention: str | None = None
+    """trl | verl | plain; null detects it from the signature."""
+
+
+@dataclass
+class RewardConfig:
+    functions: list[RewardFunctionConfig] = field(
+        default_factory=lambda: [RewardFunctionConfig()])
+    """Reward functions, summed with their weights."""
+    timeout_s: float = 10.0
+    """Seconds one call may take before it counts as a timeout."""
+    on_error: str = "raise"
+    """raise | skip_group | value: what a failing or timed-out call does."""
+    error_value: float = 0.0
+    """Reward used for a failed call when on_error is `value` (counted in reward/errors)."""
+    workers: int = 2
+    """Reward worker processes."""
+
+    def __post_init__(self):
+        _choice("reward.on_error", self.on_error, ("raise", "skip_group", "value"))
+        _positive("reward.workers", self.workers)
+        if not self.functions:
+            raise ConfigError("reward.functions is empty: name at least one reward function, "
+                              "e.g. `reward.functions=[{path: arithmetic}]`.")
+
+
+@dataclass
+class LearnerConfig:
+    workers: int = 1
+    """Data-parallel learner actors (gloo on CPU, nccl on GPU)."""
+    lr: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimizer steps."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one micro-batch (prompt + response tokens, packed without padding waste)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+    def __post_init__(self):
+        _positive("learner.workers", self.workers)
+        _positive("learner.micro_batch_tokens", self.micro_batch_tokens)
+        if self.lr <= 0:
+            raise ConfigError(f"learner.lr = {self.lr} must be > 0.")
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 20
+    """Training steps (one rollout batch and one optimizer update each)."""
+    output_dir: str = "outputs/run"
+    """Where metrics.jsonl, TensorBoard events, curves.png, config.yaml and checkpoints go."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every this many steps (0: only at the end)."""
+    resume_from: str | None = None
+    """Checkpoint directory (…/checkpoints/step_N) to continue from."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    sync_tolerance: float | None = None
+    """Max |log-prob difference| between learner and rollout after a sync; null: 1e-3 in float32, 0.5 in 16-bit."""
+    canary_prompt: str = "Count from one to ten:"
+    """Prompt whose sampled continuation is scored by both sides to verify every weight sync."""
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Ray cluster address; null uses RAY_ADDRESS when set, else starts a local Ray."""
+    num_cpus: int | None = None
+    """CPUs a local Ray may use (null: all)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} = {value} must be a positive integer.")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} = {value!r} is not valid: use one of {', '.join(choices)}.")
+
+
+# --- building dataclasses from plain dicts, with errors that name the field ---------------
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys to values, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        section = prefix or "the top level"
+        raise ConfigError(
+            f"Unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {section}. "
+            f"Valid keys of {section}: {', '.join(fields)}.")
+    kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, name)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, name)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} = {value!r} must be a list.")
+        return [_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} = {value!r} must be a mapping.")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint)
+                                               and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{name} = {value!r} has the wrong type: expected {hint.__name__}, "
+                          f"got {type(value).__name__}.")
+    return value
+
+
+def _split_objective(raw: dict) -> dict:
+    """`objective: {name, k: v...}` -> `{name, params: {k: v}}`, validated by the registry."""
+    from rl.objectives import OBJECTIVES, objective_defaults
+
+    section = dict(raw.get("objective") or {})
+    name = section.pop("name", ObjectiveConfig.name)
+    params = section.pop("params", {}) or {}
+    params.update(section)
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name = {name!r} is not registered. "
+                          f"Valid objectives: {', '.join(OBJECTIVES)}.")
+    valid = objective_defaults(name)
+    for key in params:
+        if key not in valid:
+            raise ConfigError(f"Unknown key objective.{key} for objective {name!r}. "
+                              f"Valid keys: name, {', '.join(valid)}.")
+    raw["objective"] = {"name": name, "params": params}
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (optional), apply `key=value` overrides, validate into a `Config`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        base = OmegaConf.create({})
+        if path is not None:
+            path = Path(path)
+            if not path.exists():
+                raise ConfigError(f"Config file {str(path)!r} does not exist. "
+                                  f"Pass a YAML file, e.g. configs/quickstart.yaml.")
+            base = OmegaConf.load(path)
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"Could not read the config ({path}, overrides {overrides}): {e}") from None
+    raw = _split_objective(raw or {})
+    config = _build(Config, raw, "")
+    from rl.objectives import get_objective
+    try:
+        get_objective(config.objective.name, **config.objective.params)
+    except ValueError as e:
+        raise ConfigError(f"objective: {e}") from None
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain dict (YAML-ready), with objective params flattened back next to `name`."""
+    d = dataclasses.asdict(config)
+    d["objective"] = {"name": config.objective.name, **config.objective.params}
+    return d

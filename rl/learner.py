@@ -1,0 +1,298 @@
+"""Learner worker: the trained model, its optimizer, one update per training step.
+
+Float32 master weights; forward/backward under bf16 autocast when `model.dtype` is 16-bit
+(bf16 matmuls, fp32 accumulation and optimizer state). Several learners form a data-parallel
+group (gloo on CPU, nccl on GPU): each takes a share of the sequences, losses are normalized
+by the GLOBAL token/sequence counts, and gradients are summed with all_reduce, so the update
+does not depend on how the batch was split.
+
+A plain class, so tests run it without Ray; `rl.actors` wraps it as a Ray actor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rl.logprobs import make_micro_batch, response_logprobs, right_align
+from rl.packing import pack_micro_batches, padding_fraction
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class TrainBatch:
+    """One rank's share of a step's sequences (lists of equal length N)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    advantages: list[list[float]]
+    """Per response token, [len(response_ids[i])] each."""
+    rollout_logprobs: list[list[float]]
+    num_tokens: float
+    """Valid response tokens of the GLOBAL batch (all ranks)."""
+    num_seqs: float
+    """Sequences with >= 1 response token in the GLOBAL batch."""
+    max_len: float
+    """Dr. GRPO's constant C."""
+    batch_stats: object = None
+    """Objective's batch-level statistics over the global batch (HAPO), computed by the learner group."""
+
+
+@dataclass
+class LearnerSettings:
+    model_path: str
+    dtype: str = "bfloat16"
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=list)
+    objective: str = "grpo"
+    objective_params: dict = field(default_factory=dict)
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 4096
+    temperature: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    init_weights_path: str | None = None
+    """Full fine-tuning resume: load weights from this checkpoint instead of model_path."""
+
+
+class Learner:
+    def __init__(self, settings: LearnerSettings, rank: int = 0, world_size: int = 1,
+                 dist_address: str | None = None, num_threads: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        from rl.objectives import get_objective
+
+        torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        torch.manual_seed(settings.seed + rank)
+        self.s = settings
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if world_size > 1:
+            self._init_distributed(dist_address)
+        self.autocast_dtype = _DTYPES[settings.dtype]
+        weights_path = settings.init_weights_path or settings.model_path
+        model = AutoModelForCausalLM.from_pretrained(weights_path, dtype=torch.float32).to(self.device)
+        self.tie_word_embeddings = bool(getattr(model.config, "tie_word_embeddings", False))
+        self.objective = get_objective(settings.objective, **settings.objective_params)
+        self.ref_model = None
+        if settings.lora_rank > 0:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(
+                r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                target_modules=list(settings.lora_target_modules), task_type="CAUSAL_LM"))
+        elif self.objective.needs_ref:
+            # The reference is the initial policy: the base model, even when resuming.
+            self.ref_model = AutoModelForCausalLM.from_pretrained(
+                settings.model_path, dtype=torch.float32).to(self.device).eval().requires_grad_(False)
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        warmup = max(1, settings.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
+
+    # --- distributed ------------------------------------------------------------------
+
+    def _init_distributed(self, address: str) -> None:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}",
+                                rank=self.rank, world_size=self.world_size)
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(tensor)
+        return tensor
+
+    # --- forward helpers --------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _ref_context(self):
+        """Reference policy: a frozen copy, or the LoRA model with adapters disabled."""
+        if self.ref_model is not None:
+            return self.ref_model, contextlib.nullcontext()
+        return self.model, self.model.disable_adapter()
+
+    def entropies(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Per-token entropies of the current policy (no gradient), for batch-level statistics."""
+        out: list[list[float]] = [[] for _ in prompt_ids]
+        lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+        with torch.no_grad(), self._autocast():
+            for idx in pack_micro_batches(lengths, self.s.micro_batch_tokens):
+                mb = make_micro_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], self.pad_id)
+                _, ent = response_logprobs(self.model, self._to_device(mb), self.s.temperature, with_entropy=True)
+                for row, i in enumerate(idx):
+                    n = len(response_ids[i])
+                    out[i] = ent[row, ent.shape[1] - n:].tolist() if n else []
+        return out
+
+    def _to_device(self, mb):
+        if self.device.type == "cpu":
+            return mb
+        for name in ("input_ids", "attention_mask", "position_ids", "response_ids", "response_mask"):
+            setattr(mb, name, getattr(mb, name).to(self.device))
+        return mb
+
+    # --- the update -------------------------------------------------------------------
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on this rank's share; metrics are global (all ranks)."""
+        from rl.objectives.common import LossNorm
+
+        start = time.perf_counter()
+        self.model.train()
+        obj = self.objective
+        norm = LossNorm(batch.num_tokens, batch.num_seqs, batch.max_len)
+        lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
+        micro_batches = pack_micro_batches(lengths, self.s.micro_batch_tokens)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        total_loss = 0.0
+        with_entropy = True  # entropy is a logged metric for every objective
+        for idx in micro_batches:
+            mb = self._to_device(make_micro_batch([batch.prompt_ids[i] for i in idx],
+                                                  [batch.response_ids[i] for i in idx], self.pad_id))
+            T = mb.response_ids.shape[1]
+            adv = right_align([batch.advantages[i] for i in idx], T).to(self.device)
+            rollout_lp = right_align([batch.rollout_logprobs[i] for i in idx], T).to(self.device)
+            with self._autocast():
+                logp, entropy = response_logprobs(self.model, mb, self.s.temperature, with_entropy)
+                ref_logp = None
+                if obj.needs_ref:
+                    ref_model, ctx = self._ref_context()
+                    with torch.no_grad(), ctx:
+                        ref_logp, _ = response_logprobs(ref_model, mb, self.s.temperature)
+            # One optimizer step per rollout batch: the policy that generated the batch IS the
+            # current one, so old_logp equals logp detached (ratio 1) without a second forward.
+            old_logp = logp.detach()
+            loss, metrics = obj.loss(logp, old_logp, adv, mb.response_mask, ref_logp=ref_logp,
+                                     entropy=entropy if obj.needs_entropy else None,
+                                     norm=norm, batch_stats=batch.batch_stats)
+            loss.backward()
+            total_loss += float(loss.detach())
+            n_tok = float(mb.num_response_tokens)
+            metrics = dict(metrics)
+            metrics["entropy"] = float(entropy[mb.response_mask].float().mean()) if n_tok else 0.0
+            diff = (rollout_lp - old_logp)[mb.response_mask]
+            metrics["train/rollout_logprob_abs_diff"] = float(diff.abs().mean()) if n_tok else 0.0
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n_tok
+        # Global reductions: gradients (sum; losses are already globally normalized) and metrics.
+        if self.world_size > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self._all_reduce(p.grad)
+        keys = sorted(sums)
+        local_tokens = float(sum(lengths[i] - len(batch.prompt_ids[i]) for i in range(len(lengths))))
+        reduced = self._all_reduce(torch.tensor([total_loss, local_tokens] + [sums[k] for k in keys],
+                                                dtype=torch.float64))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, self.s.grad_clip if self.s.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        global_tokens = max(float(reduced[1]), 1.0)
+        out = {k: float(reduced[2 + j]) / global_tokens for j, k in enumerate(keys)}
+        out.update({
+            "loss": float(reduced[0]),
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            "train/micro_batches": float(len(micro_batches)),
+            "train/padding_fraction": padding_fraction(lengths, micro_batches),
+            "train/tokens": float(sum(lengths)),
+            "time/train_compute": time.perf_counter() - start,
+        })
+        return out
+
+    # --- scoring, weights, checkpoints ------------------------------------------------
+
+    def score(self, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
+        """Log-probs of `token_ids` after `prompt_ids` at temperature 1 (raw model), for sync checks."""
+        self.model.eval()
+        mb = self._to_device(make_micro_batch([prompt_ids], [token_ids], self.pad_id))
+        with torch.no_grad(), self._autocast():
+            logp, _ = response_logprobs(self.model, mb, 1.0)
+        return logp[0, logp.shape[1] - len(token_ids):].tolist()
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """Current weights under Hugging Face names, in the rollout dtype (LoRA merged in)."""
+        dtype = _DTYPES[self.s.dtype]
+        if self.s.lora_rank > 0:
+            return self._merged_lora_weights(dtype)
+        state = self.model.state_dict()
+        if self.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # same tensor as embed_tokens; saves bytes
+        return {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
+
+    def _merged_lora_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        self.model.merge_adapter()
+        try:
+            base = self.model.get_base_model()
+            out = {}
+            for name, tensor in base.state_dict().items():
+                if "lora_" in name:
+                    continue
+                name = name.replace(".base_layer.", ".")
+                if self.tie_word_embeddings and name == "lm_head.weight":
+                    continue
+                out[name] = tensor.detach().to(dtype).clone()
+            return out
+        finally:
+            self.model.unmerge_adapter()
+
+    def save_checkpoint(self, path: str, tokenizer_source: str) -> None:
+        """Hugging Face model (float32, LoRA merged) + tokenizer + optimizer state in `path`."""
+        if self.rank != 0:
+            return
+        from transformers import AutoTokenizer
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.s.lora_rank > 0:
+            self.model.save_pretrained(out / "adapter")
+            base = copy.deepcopy(self.model).merge_and_unload()
+            base.save_pretrained(out, safe_serialization=True)
+        else:
+            self.model.save_pretrained(out, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(out)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, out / "optimizer.pt")
+
+    def load_training_state(self, path: str) -> None:
+        """Optimizer, LR schedule, RNG (and LoRA adapter) from a checkpoint of `save_checkpoint`."""
+        out = Path(path)
+        if self.s.lora_rank > 0:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.model, load_file(str(out / "adapter" / "adapter_model.safetensors")))
+        state = torch.load(out / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def parameter_checksum(self) -> float:
+        """Sum of |weights| of the trainable parameters (cheap change detector for tests)."""
+        return float(sum(p.detach().abs().sum() for p in self.params))

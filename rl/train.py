@@ -1,0 +1,122 @@
+"""Train: `python -m rl.train CONFIG.yaml [key=value ...]`.
+
+Everything the user can get wrong (config, model path, data, reward functions) is checked
+before Ray starts; then one step reads top to bottom: rollout -> reward -> advantage ->
+update -> weight sync (verified) -> metrics / checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+from rl.config import Config, config_to_dict, load_config
+from rl.errors import UserError
+
+
+@dataclass
+class Prepared:
+    """What preflight resolved: all user input, checked, before any actor starts."""
+
+    config: Config
+    model_path: str
+    tokenizer: object
+    prompts: object
+    reward_fns: list
+
+
+def resolve_model_path(path: str) -> str:
+    """`demo:SmolLM2-135M-Instruct` -> the converted demo model; local dirs must exist."""
+    from rl.demo_model import DEMO_MODEL_NAME, prepare_demo_model
+
+    if path.startswith("demo:"):
+        if path != f"demo:{DEMO_MODEL_NAME}":
+            raise UserError(f"model.path = {path!r}: the only demo model is demo:{DEMO_MODEL_NAME}.")
+        try:
+            return str(prepare_demo_model())
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
+    looks_local = path.startswith((".", "/", "~")) or os.path.sep in path.strip("/").split("/", 2)[-1] \
+        or path.count("/") != 1
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        if not os.path.exists(os.path.join(expanded, "config.json")):
+            raise UserError(f"model.path = {path!r} is a directory without config.json: "
+                            f"point it at a Hugging Face model directory.")
+        return expanded
+    if looks_local:
+        raise UserError(f"model.path = {path!r} does not exist. Give a Hugging Face model directory, "
+                        f"a hub name like Qwen/Qwen3-1.7B (needs internet), or demo:{DEMO_MODEL_NAME}.")
+    return path  # a hub name: transformers/vLLM resolve it
+
+
+def preflight(config: Config) -> Prepared:
+    from transformers import AutoTokenizer
+
+    from rewards import RewardError, RewardSpec, load_reward_functions
+    from rl.data import PromptSource
+
+    model_path = resolve_model_path(config.model.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except Exception as e:  # hub name without network, broken directory, ...
+        raise UserError(f"model.path = {config.model.path!r}: the tokenizer could not be loaded "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
+    prompts = PromptSource(config.data, tokenizer, seed=config.trainer.seed)
+    specs = [RewardSpec(path=f.path, weight=f.weight, name=f.name, kwargs=dict(f.kwargs),
+                        convention=f.convention) for f in config.reward.functions]
+    try:
+        reward_fns = load_reward_functions(specs)
+    except RewardError as e:
+        raise UserError(f"reward.functions: {e}") from None
+    return Prepared(config, model_path, tokenizer, prompts, reward_fns)
+
+
+def init_ray(config: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")
+
+
+def run(config: Config) -> dict:
+    """Train per `config`; returns the last step's metrics."""
+    prepared = preflight(config)
+    init_ray(config)
+    from rl.trainer import Trainer
+
+    trainer = Trainer(prepared)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    path, overrides = argv[0], argv[1:]
+    if "=" in path:  # only overrides given
+        path, overrides = None, argv
+    try:
+        config = load_config(path, overrides)
+        run(config)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The training loop: actors, one step top to bottom, weight sync with verification, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from rl.config import config_to_dict
+from rl.errors import SyncError
+from rl.learner import LearnerSettings, TrainBatch
+from rl.metrics import MetricsLogger
+from rl.packing import split_across_ranks
+from rollout.records import Sample, SampleRequest
+
+STATE_FILE = "trainer_state.json"
+
+
+class Trainer:
+    def __init__(self, prepared):
+        from omegaconf import OmegaConf
+
+        from rewards import RewardExecutor
+        from rl.actors import LearnerGroup, RolloutGroup
+        from rl.objectives import get_objective
+
+        self.p = prepared
+        self.config = c = prepared.config
+        self.out = Path(c.trainer.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(config_to_dict(c)), self.out / "config.yaml")
+        self.objective = get_objective(c.objective.name, **c.objective.params)
+        self.start_step = 0
+        resume = c.trainer.resume_from
+        if resume:
+            state = json.loads((Path(resume) / STATE_FILE).read_text())
+            self.start_step = int(state["step"])
+            self.p.prompts.load_state_dict(state["data"])
+            random.setstate(_tuple_state(state["python_rng"]))
+        else:
+            random.seed(c.trainer.seed)
+        self.logger = MetricsLogger(self.out)
+        if resume:
+            self.logger.truncate_after(self.start_step)
+
+        full_ft_resume = resume if (resume and c.model.lora.rank == 0) else None
+        settings = LearnerSettings(
+            model_path=prepared.model_path, dtype=c.model.dtype, lora_rank=c.model.lora.rank,
+            lora_alpha=c.model.lora.alpha, lora_dropout=c.model.lora.dropout,
+            lora_target_modules=list(c.model.lora.target_modules), objective=c.objective.name,
+            objective_params=dict(c.objective.params), lr=c.learner.lr, weight_decay=c.learner.weight_decay,
+            warmup_steps=c.learner.warmup_steps, grad_clip=c.learner.grad_clip,
+            micro_batch_tokens=c.learner.micro_batch_tokens, temperature=c.rollout.temperature,
+            gradient_checkpointing=c.learner.gradient_checkpointing, seed=c.trainer.seed,
+            init_weights_path=full_ft_resume)
+        # Rollout engines are re-seeded on resume so a continued run does not replay samples.
+        rollout_seed = c.trainer.seed + 7919 * self.start_step
+        self.rollout = RolloutGroup(c, prepared.model_path, rollout_seed)
+        self.learners = LearnerGroup(c, settings)
+        if resume:
+            self.learners.call_all("load_training_state", resume)
+        self.rewards = RewardExecutor(prepared.reward_fns, timeout_s=c.reward.timeout_s,
+                                      on_error=c.reward.on_error, error_value=c.reward.error_value,
+                                      num_workers=c.reward.workers)
+        self.canary_ids = prepared.tokenizer(c.trainer.canary_prompt)["input_ids"]
+        tol = c.trainer.sync_tolerance
+        self.sync_tolerance = tol if tol is not None else (1e-3 if c.model.dtype == "float32" else 0.5)
+        if resume:
+            self.sync_weights()  # rollout engines start from model.path; bring them up to date
+
+    # --- one step, top to bottom ------------------------------------------------------
+
+    def fit(self) -> dict:
+        c = self.config
+        last: dict = {}
+        bar = tqdm(range(self.start_step + 1, c.trainer.total_steps + 1), desc="train",
+                   initial=self.start_step, total=c.trainer.total_steps, unit="step", dynamic_ncols=True)
+        for step in bar:
+            t_step = time.perf_counter()
+            prompts = self.p.prompts.next_batch()
+
+            t0 = time.perf_counter()
+            samples, rollout_stats = self.generate(prompts)
+            t_generate = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            reward = self.rewards.score(
+                [prompts[s.group_id].text for s in samples], [s.response_text for s in samples],
+                _columns(prompts, samples), [s.group_id for s in samples])
+            t_reward = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            shards, adv_metrics = self.make_train_batches(samples, reward.rewards, reward.valid)
+            train_metrics = self.learners.update(shards)
+            t_train = time.perf_counter() - t0
+
+            sync_metrics = self.sync_weights()
+
+            metrics = {**_rollout_metrics(samples, rollout_stats), **reward.metrics,
+                       **_reward_summary(reward.rewards, reward.valid), **adv_metrics,
+                       **train_metrics, **sync_metrics,
+                       "time/generate": t_generate, "time/reward": t_reward, "time/train": t_train,
+                       "time/step": time.perf_counter() - t_step}
+            for line in reward.failures[:3]:
+                tqdm.write(f"reward failure: {line}")
+            if c.trainer.checkpoint_every and step % c.trainer.checkpoint_every == 0 or step == c.trainer.total_steps:
+                t0 = time.perf_counter()
+                self.save_checkpoint(step)
+                metrics["time/checkpoint"] = time.perf_counter() - t0
+            self.logger.log(step, metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['response_length/mean']:.0f}")
+            tqdm.write(_summary_line(step, metrics))
+            last = {"step": step, **metrics}
+        bar.close()
+        return last
+
+    def generate(self, prompts) -> tuple[list[Sample], dict]:
+        r = self.config.rollout
+        requests = [SampleRequest(i, p.token_ids) for i, p in enumerate(prompts)]
+        results = self.rollout.generate(requests, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
+                                        temperature=r.temperature, top_p=r.top_p)
+        samples = sorted((s for res in results for s in res.samples), key=lambda s: (s.group_id, s.sample_index))
+        stats = [res.stats for res in results]
+        return samples, {
+            "rollout/seconds": max(s.seconds for s in stats),
+            "rollout/decode_steps": max(s.decode_steps for s in stats),
+            "rollout/peak_running": sum(s.peak_running for s in stats),
+            "rollout/peak_kv_tokens": sum(s.peak_kv_tokens for s in stats),
+            "rollout/preemptions": sum(s.preemptions for s in stats),
+            "rollout/scheduler_seconds": sum(s.scheduler_seconds for s in stats),
+        }
+
+    def make_train_batches(self, samples: list[Sample], rewards: list[float], valid: list[bool]):
+        """Advantages over the whole batch (groups intact), then one shard per learner rank."""
+        keep = [i for i, v in enumerate(valid) if v and samples[i].response_ids]
+        samples = [samples[i] for i in keep]
+        rewards_t = torch.tensor([rewards[i] for i in keep], dtype=torch.float32)
+        group = torch.tensor([s.group_id for s in samples], dtype=torch.long)
+        T = max(len(s.response_ids) for s in samples)
+        mask = torch.zeros(len(samples), T, dtype=torch.bool)
+        logp = torch.zeros(len(samples), T)
+        for i, s in enumerate(samples):
+            mask[i, :len(s.response_ids)] = True
+            logp[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
+        adv = self.objective.advantages(rewards_t, group, mask, logp=logp)
+        max_len = self.objective.cfg.max_response_len or self.config.rollout.max_new_tokens
+        norm = self.objective.loss_norm(mask, max_len=max_len)
+        batch_stats = None
+        if self.objective.needs_entropy:
+            ent_rows = self.learners.call_all("entropies", [s.prompt_ids for s in samples],
+                                              [s.response_ids for s in samples])[0]
+            entropy = torch.zeros(len(samples), T)
+            for i, row in enumerate(ent_rows):
+                entropy[i, :len(row)] = torch.tensor(row)
+            batch_stats = self.objective.batch_stats(mask, entropy=entropy)
+        shards = []
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+        for idx in split_across_ranks(lengths, len(self.learners.workers)):
+            shards.append(TrainBatch(
+                prompt_ids=[samples[i].prompt_ids for i in idx],
+                response_ids=[samples[i].response_ids for i in idx],
+                advantages=[adv[i, :len(samples[i].response_ids)].tolist() for i in idx],
+                rollout_logprobs=[samples[i].logprobs for i in idx],
+                num_tokens=norm.num_tokens, num_seqs=norm.num_seqs, max_len=norm.max_len,
+                batch_stats=batch_stats))
+        valid_adv = adv[mask]
+        metrics = {"adv/mean": float(valid_adv.mean()), "adv/std": float(valid_adv.std()) if valid_adv.numel() > 1 else 0.0,
+                   "train/sequences": float(len(samples)), "train/dropped_sequences": float(len(valid) - len(samples))}
+        metrics.update({k: float(v) for k, v in getattr(self.objective, "last_advantage_metrics", {}).items()})
+        return shards, metrics
+
+    # --- weights ----------------------------------------------------------------------
+
+    def sync_weights(self) -> dict:
+        """Learner rank 0 -> every rollout worker, then verify on a canary prompt."""
+        t0 = time.perf_counter()
+        weights = self.learners.rank0.export_weights.remote()
+        loads = ray.get([w.load_weights.remote(weights) for w in self.rollout.workers])
+        del weights
+        seconds = time.perf_counter() - t0
+        max_diff, mean_diff = self.verify_sync()
+        return {"sync/seconds": seconds, "sync/bytes": loads[0]["bytes"],
+                "sync/load_seconds": max(x["seconds"] for x in loads), "sync/max_logprob_diff": max_diff,
+                "sync/mean_logprob_diff": mean_diff, "time/sync": time.perf_counter() - t0}
+
+    def verify_sync(self) -> tuple[float, float]:
+        diffs = []
+        canaries = ray.get([w.canary.remote(self.canary_ids) for w in self.rollout.workers])
+        for i, (tokens, rollout_lp) in enumerate(canaries):
+            learner_lp = ray.get(self.learners.rank0.score.remote(self.canary_ids, tokens))
+            d = [abs(a - b) for a, b in zip(rollout_lp, learner_lp)]
+            diffs.extend(d)
+            if max(d) > self.sync_tolerance:
+                raise SyncError(
+                    f"Weight sync check failed on rollout worker {i}: the engine's log-probs of the canary "
+                    f"continuation differ from the learner's by up to {max(d):.4g} (tolerance "
+                    f"{self.sync_tolerance:g}, trainer.sync_tolerance). The rollout engine is not running the "
+                    f"learner's weights; training on its samples would be silently off-policy.")
+        return max(diffs), sum(diffs) / len(diffs)
+
+    # --- checkpoints ------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> Path:
+        path = self.out / "checkpoints" / f"step_{step}"
+        self.learners.call_all("save_checkpoint", str(path), self.p.model_path)
+        state = {"step": step, "data": self.p.prompts.state_dict(), "python_rng": random.getstate(),
+                 "config": config_to_dict(self.config)}
+        (path / STATE_FILE).write_text(json.dumps(state))
+        return path
+
+    def close(self) -> None:
+        self.rewards.close()
+        self.logger.close()
+        self.rollout.shutdown()
+        self.learners.shutdown()
+
+
+def _tuple_state(state):
+    """JSON turns random.getstate()'s tuples into lists; random.setstate needs tuples."""
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _columns(prompts, samples: list[Sample]) -> dict[str, list]:
+    keys = sorted({k for p in prompts for k in p.columns})
+    cols = {k: [prompts[s.group_id].columns.get(k) for s in samples] for k in keys}
+    cols["completion_ids"] = [s.response_ids for s in samples]
+    return cols
+
+
+def _rollout_metrics(samples: list[Sample], stats: dict) -> dict:
+    lengths = [len(s.response_ids) for s in samples]
+    generated = sum(lengths)
+    return {"response_length/mean": statistics.fmean(lengths), "response_length/max": float(max(lengths)),
+            "response_length/min": float(min(lengths)),
+            "response/truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            "tokens/generated": float(generated),
+            "tokens/generated_per_second": generated / max(stats["rollout/seconds"], 1e-9), **stats}
+
+
+def _reward_summary(rewards: list[float], valid: list[bool]) -> dict:
+    kept = [r for r, v in zip(rewards, valid) if v] or [0.0]
+    return {"reward/mean": statistics.fmean(kept), "reward/std": statistics.pstdev(kept)}
+
+
+def _summary_line(step: int, m: dict) -> str:
+    return (f"step {step}: reward {m['reward/mean']:.3f} ± {m['reward/std']:.3f} | len {m['response_length/mean']:.1f} "
+            f"| loss {m['loss']:+.4f} | entropy {m.get('entropy', float('nan')):.3f} | grad {m['grad_norm']:.3f} "
+            f"| sync Δ {m['sync/max_logprob_diff']:.2e} | gen {m['time/generate']:.1f}s train {m['time/train']:.1f}s "
+            f"sync {m['time/sync']:.1f}s step {m['time/step']:.1f}s")

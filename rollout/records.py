@@ -1,0 +1,55 @@
+"""What crosses the actor boundary between rollout workers and the driver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SampleRequest:
+    """One prompt to sample `group_size` times."""
+
+    group_id: int
+    """Same id = same prompt; advantages are normalized within a group."""
+    prompt_ids: list[int]
+    """Prompt token ids (chat template already applied)."""
+
+
+@dataclass
+class Sample:
+    """One generated response."""
+
+    group_id: int
+    sample_index: int
+    """0..group_size-1 within the group."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_text: str
+    logprobs: list[float]
+    """Rollout engine's log-prob of each response token (raw model distribution), [len(response_ids)]."""
+    finish_reason: str
+    """`stop` (EOS or stop string) or `length` (hit max_new_tokens)."""
+
+
+@dataclass
+class RolloutStats:
+    """Measures of one worker's rollout."""
+
+    seconds: float = 0.0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    """Engine steps until every sample finished."""
+    peak_running: int = 0
+    """Most sequences in flight at once."""
+    peak_kv_tokens: int = 0
+    """Own accounting: max over steps of sum(prompt + generated) of running sequences."""
+    preemptions: int = 0
+    scheduler_seconds: float = 0.0
+    """Time spent inside the admission policy."""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class RolloutResult:
+    samples: list[Sample]
+    stats: RolloutStats
