@@ -41,6 +41,18 @@ class LearnerActor(Learner):
     """A Learner (one data-parallel rank) in its own process."""
 
 
+def scheduler_options(config: Config) -> dict:
+    """RolloutWorker keyword arguments for `rollout.scheduler`."""
+    sc = config.rollout.scheduler
+    kwargs: dict = {}
+    if sc.policy == "naive_micro":
+        kwargs["micro_group_size"] = sc.micro_group_size or config.rollout.group_size
+    elif sc.policy == "length_aware":
+        kwargs.update(predictor=sc.predictor, eps=sc.fptas_eps)
+    return {"policy": sc.policy, "policy_kwargs": kwargs, "kv_budget_tokens": sc.kv_budget_tokens,
+            "slots": sc.slots}
+
+
 class RolloutGroup:
     """Rollout workers; a step's prompts are split among them by whole groups."""
 
@@ -53,7 +65,8 @@ class RolloutGroup:
                 model_path, dtype=config.model.dtype, max_model_len=max_model_len,
                 gpu_memory_utilization=r.gpu_memory_utilization,
                 seed=(r.seed if r.seed is not None else seed) + 1000 * i,
-                enforce_eager=r.enforce_eager, logits_processors=logits_processors)
+                enforce_eager=r.enforce_eager, logits_processors=logits_processors,
+                **scheduler_options(config))
             for i in range(r.workers)
         ]
         ray.get([w.ready.remote() for w in self.workers])

@@ -72,6 +72,28 @@ class DataConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    policy: str = "full_group"
+    """Admission policy: full_group | naive_micro | continuous | length_aware (see scheduling/)."""
+    micro_group_size: int | None = None
+    """Samples per micro sampling group (naive_micro rounds); null = group_size."""
+    kv_budget_tokens: int | None = None
+    """KV-cache tokens the policy may fill; null derives it from the engine's free blocks."""
+    slots: int | None = None
+    """Most sequences in flight at once; null = the engine's max_num_seqs."""
+    fptas_eps: float = 0.05
+    """FPTAS accuracy: the packing is within (1 - eps) of optimal."""
+    predictor: str = "token_conditioned"
+    """Length predictor for length_aware: token_conditioned | constant."""
+
+    def __post_init__(self):
+        _choice("rollout.scheduler.policy", self.policy, ("full_group", "naive_micro", "continuous", "length_aware"))
+        _choice("rollout.scheduler.predictor", self.predictor, ("token_conditioned", "constant"))
+        if not 0 < self.fptas_eps < 1:
+            raise ConfigError(f"rollout.scheduler.fptas_eps = {self.fptas_eps} must be in (0, 1).")
+
+
+@dataclass
 class RolloutConfig:
     workers: int = 1
     """Number of rollout actors, each owning one vLLM engine; a step's prompts are split among them."""
@@ -89,6 +111,8 @@ class RolloutConfig:
     """Skip torch.compile / CUDA graphs (start-up 8 s instead of 80 s on CPU)."""
     seed: int | None = None
     """Engine seed; null derives it from trainer.seed and the worker index."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Infinite Sampling admission control inside each worker."""
 
     def __post_init__(self):
         _positive("rollout.workers", self.workers)

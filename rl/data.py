@@ -34,6 +34,7 @@ def load_rows(config: DataConfig, seed: int = 0):
     """
     import datasets
 
+    datasets.disable_progress_bars()  # a few local rows: bars would only bury errors
     if config.path == "builtin:arithmetic":
         from rl.arithmetic_task import arithmetic_examples
         ds = datasets.Dataset.from_list(arithmetic_examples(seed=seed))
