@@ -20,9 +20,10 @@ from rollout.records import RolloutResult, RolloutStats, Sample, SampleRequest
 def _configure_vllm_env(num_threads: int | None) -> None:
     # Must be set before vLLM creates the engine: in-process engine core (see module doc).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # vLLM lowers torch to 1 thread "for serving" unless OMP_NUM_THREADS is set; rollout is the
-    # only thing running during the generate phase, so it should use every core it has.
-    os.environ.setdefault("OMP_NUM_THREADS", str(num_threads or os.cpu_count() or 1))
+    # vLLM lowers torch to 1 thread "for serving" unless OMP_NUM_THREADS is set, and Ray sets
+    # it to 1 in actors that reserve no CPU. Rollout is the only thing running during the
+    # generate phase, so it should use every core it has.
+    os.environ["OMP_NUM_THREADS"] = str(num_threads or os.cpu_count() or 1)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
