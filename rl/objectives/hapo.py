@@ -210,6 +210,16 @@ class HAPO(Objective):
         """adaptive_temperature with this objective's tau: logits [B, V] -> [B]."""
         return adaptive_temperature(logits, stats, base_temperature, self.cfg.tau)
 
+    #: Rollout side, read by the driver (no if/elif on names): the vLLM logits processor that
+    #: samples at T_t, as an import path so that this module stays free of vllm.
+    rollout_logits_processor = "rollout.hapo_temperature:HAPOTemperatureProcessor"
+
+    def rollout_sampling_args(self, stats: Optional[EntropyStats]) -> dict[str, Any]:
+        """SamplingParams.extra_args for the next rollout: tau and the last step's ``stats``
+        (None before the first update: the processor then samples at T)."""
+        return {"hapo_temperature": {"tau": self.cfg.tau,
+                                     "stats": stats.to_dict() if stats is not None else None}}
+
     def advantages(self, rewards: Tensor, group: Tensor, mask: Tensor,
                    logp: Optional[Tensor] = None) -> Tensor:
         """rewards [N], group [N], mask [N, T] -> token-level group advantage [N, T]."""
