@@ -218,6 +218,13 @@ class RolloutWorker:
         token_ids = list(result.token_ids)
         return token_ids, [step[t].logprob for step, t in zip(result.logprobs, token_ids)]
 
+    def logits_processor_metrics(self) -> dict[str, float]:
+        """Metrics the custom logits processors gathered since the last call, then reset
+        (HAPO: the adaptive temperatures applied); {} without such processors."""
+        from rollout.hapo_temperature import pop_processor_metrics
+
+        return self.engine.collective_rpc(pop_processor_metrics)[0]
+
     def info(self) -> dict:
         return {"cache_tokens": self.cache_tokens, "kv_budget_tokens": self.kv_budget_tokens,
                 "slots": self.slots, "pid": os.getpid()}
