@@ -1,0 +1,293 @@
+"""`python -m rl.bench rollout`: the Infinite Sampling policies side by side.
+
+Simulation (seconds, no engine; reuses scheduling.bench and the decode-step simulator):
+
+    python -m rl.bench rollout --simulate --lengths configs/traces/smollm2_mixed_step1.json \\
+        --warmup-lengths configs/traces/smollm2_mixed_step0.json --slots 32 --json sim.json
+    python -m rl.bench rollout --simulate --synthetic pareto --prompts 64 --group-size 16
+
+Real vLLM (SmolLM2-135M-Instruct on CPU by default; every policy on the same engine, same prompts):
+
+    python -m rl.bench rollout --prompts 8 --group-size 16 --max-new-tokens 256 --json real.json
+
+Same memory budget C (--kv-budget, default G x (longest prompt + max_new_tokens)): naive_micro
+and continuous get the slots that are safe without knowing lengths, floor(C / (longest prompt
++ max_new_tokens)); length_aware gets the KV budget C itself and the engine's max_num_seqs;
+full_group gets no limit. `--engine-kv-tokens C` also sizes the engine's cache to C so vLLM
+preempts whatever overflows it. `--record-trace OUT` writes the first policy's lengths as a
+length trace (scheduling/traces.py format). Every run prints a table and writes a PNG next to
+--json (or --plot PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from scheduling import Trace, load_trace, make_predictor, save_trace, synthetic_trace
+from scheduling.bench import format_table, simulate_policies, time_fptas, warm_predictor
+
+POLICIES = ("full_group", "naive_micro", "continuous", "length_aware")
+PROMPTS_FILE = Path(__file__).resolve().parents[2] / "configs" / "bench_rollout_prompts.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--simulate", action="store_true", help="decode-step simulator instead of vLLM")
+    p.add_argument("--lengths", help="simulate on this JSON length trace")
+    p.add_argument("--warmup-lengths", nargs="*", default=[],
+                   help="traces of earlier steps the learned predictor observes first (both modes)")
+    p.add_argument("--synthetic", choices=["lognormal", "pareto"], default="lognormal",
+                   help="simulate on a synthetic long-tailed trace when --lengths is not given")
+    p.add_argument("--warmup-steps", type=int, default=4,
+                   help="synthetic: earlier synthetic rollouts the learned predictor observes")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated")
+    p.add_argument("--predictor", default=None,
+                   help="length_aware predictors, comma-separated (simulation default: "
+                        "oracle,token_conditioned; real: token_conditioned)")
+    p.add_argument("--prompts", type=int, default=8, help="B prompts (real, synthetic)")
+    p.add_argument("--group-size", type=int, default=16, help="G samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--slots", type=int, default=None,
+                   help="simulation: S for every policy (default 32); real: slots of "
+                        "naive_micro/continuous (default: safe for the KV budget)")
+    p.add_argument("--kv-budget", type=int, default=None, help="C, KV tokens (see above)")
+    p.add_argument("--micro-group-size", type=int, default=None, help="naive_micro g (default G)")
+    p.add_argument("--fptas", action="store_true", help="also time the FPTAS on 4,096 sequences")
+    p.add_argument("--every-step", action="store_true", help="simulation: plan every step")
+    # real mode
+    p.add_argument("--model", default="demo:SmolLM2-135M-Instruct")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--prompt-set", choices=["mixed", "arithmetic"], default="mixed",
+                   help="mixed: configs/bench_rollout_prompts.yaml alternating with arithmetic")
+    p.add_argument("--prompt-offset", type=int, default=0, help="first prompt of the slice")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--block-size", type=int, default=32, help="vLLM KV block size (CPU: x32)")
+    p.add_argument("--engine-kv-tokens", type=int, default=None,
+                   help="size the engine's KV cache to this many tokens (default: from memory)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="vLLM max_num_seqs")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--record-trace", help="write the first policy's lengths here (real mode)")
+    p.add_argument("--json", help="write the rows and settings here")
+    p.add_argument("--plot", help="PNG path (default: --json with .png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = simulate(args) if args.simulate else real(args)
+    print(format_rows(out["rows"], out["mode"]))
+    for t in out.get("fptas", []):
+        print(f"fptas n={t['n']} capacity {t['capacity_fraction']:.3f} of total weight: "
+              f"best {t['best_ms']:.1f} ms, median {t['median_ms']:.1f} ms")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot:
+        save_plot(out, plot)
+        print(f"plot: {plot}")
+    return 0
+
+
+# --- simulation --------------------------------------------------------------------------------
+
+
+def simulate(args) -> dict:
+    slots = args.slots or 32
+    if args.lengths:
+        trace = load_trace(args.lengths)
+        warm = [load_trace(p) for p in args.warmup_lengths]
+    else:
+        def synth(seed: int) -> Trace:
+            return synthetic_trace(args.synthetic, args.prompts, args.group_size,
+                                   args.max_new_tokens, seed=seed)
+        trace = synth(args.seed)
+        warm = [synth(args.seed + 1000 + k) for k in range(args.warmup_steps)]
+    policies = [p.strip() for p in args.policies.split(",")]
+    rows = []
+    for i, name in enumerate((args.predictor or "oracle,token_conditioned").split(",")):
+        pred = name if name == "oracle" else warm_predictor(make_predictor(name), warm)
+        names = policies if i == 0 else [p for p in policies if p == "length_aware"]
+        rows += simulate_policies(trace, names, slots, args.kv_budget, pred, args.every_step)
+    full = next((r["peak_kv_tokens"] for r in rows if r["policy"] == "full_group"), None)
+    for r in rows:
+        r["peak_kv_vs_full"] = r["peak_kv_tokens"] / full if full else math.nan
+    out = {"mode": "simulate", "rows": rows, "slots": slots,
+           "trace": args.lengths or f"synthetic:{args.synthetic}", "warmup": args.warmup_lengths,
+           "sequences": len(trace.items), "mean_length": sum(trace.lengths) / len(trace.items),
+           "max_length": max(trace.lengths), "max_new_tokens": trace.max_new_tokens}
+    if args.fptas:
+        out["fptas"] = [time_fptas(capacity_fraction=f) for f in (0.25, 0.02, 0.001)]
+    return out
+
+
+# --- real engine ---------------------------------------------------------------------------------
+
+
+def build_prompts(tokenizer, prompt_set: str, count: int, offset: int) -> list[list[int]]:
+    """`count` chat-templated prompts as token ids, from position `offset` of the prompt set."""
+    import yaml
+
+    from rl.arithmetic_task import arithmetic_examples
+
+    arith = [r["prompt"] for r in arithmetic_examples(num_examples=offset + count + 1, seed=1)]
+    if prompt_set == "arithmetic":
+        texts = arith[offset: offset + count]
+    else:
+        open_ended = yaml.safe_load(PROMPTS_FILE.read_text())["open_ended"]
+        pool = [x for pair in zip(open_ended, arith) for x in pair]  # alternate the two kinds
+        if offset + count > len(pool):
+            raise SystemExit(f"prompt set 'mixed' has {len(pool)} prompts; asked for "
+                             f"{offset}..{offset + count}")
+        texts = pool[offset: offset + count]
+    ids = []
+    for t in texts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def real(args) -> dict:
+    from rl.demo_model import prepare_demo_model
+    from rollout.records import SampleRequest
+    from rollout.worker import RolloutWorker
+
+    model = str(prepare_demo_model()) if args.model.startswith("demo:") else args.model
+    from transformers import AutoTokenizer
+
+    prompts = build_prompts(AutoTokenizer.from_pretrained(model), args.prompt_set, args.prompts,
+                            args.prompt_offset)
+    longest = max(len(p) for p in prompts)
+    G, T = args.group_size, args.max_new_tokens
+    budget = args.kv_budget or G * (longest + T)
+    safe_slots = args.slots or max(1, budget // (longest + T))
+    engine_kw = {"block_size": args.block_size, "max_num_seqs": args.max_num_seqs}
+    if args.engine_kv_tokens:
+        engine_kw["num_gpu_blocks_override"] = math.ceil(args.engine_kv_tokens / args.block_size) + 1
+    worker = RolloutWorker(model, dtype=args.dtype, max_model_len=longest + T,
+                           gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+                           engine_kwargs=engine_kw)
+    worker.record_timeline = True
+    requests = [SampleRequest(i, p) for i, p in enumerate(prompts)]
+    sampling = dict(group_size=G, max_new_tokens=T, temperature=args.temperature)
+    worker.generate(requests[:1], group_size=2, max_new_tokens=8)  # first-step costs, untimed
+    warm = [load_trace(p) for p in args.warmup_lengths]
+    rows, first = [], None
+    for name in [p.strip() for p in args.policies.split(",")]:
+        preds = (args.predictor or "token_conditioned").split(",") if name == "length_aware" else ["-"]
+        for pred in preds:
+            kw: dict = {}
+            slots, kv = safe_slots, budget
+            if name == "naive_micro":
+                kw["micro_group_size"] = args.micro_group_size or G
+            elif name == "length_aware":
+                kw["predictor"] = warm_predictor(make_predictor(pred), warm)
+                slots = args.max_num_seqs
+            elif name == "full_group":
+                slots, kv = args.max_num_seqs, worker.cache_tokens
+            worker.set_policy(name, kw, kv_budget_tokens=kv, slots=slots)
+            worker.engine.reset_prefix_cache()  # no policy inherits the previous one's cache
+            result = worker.generate(requests, **sampling)
+            rows.append(real_row(name, pred, result.stats, budget))
+            print(f"{name} ({pred}): {result.stats.seconds:.1f} s", flush=True)
+            first = first or result
+    if args.record_trace:
+        items = [(s.group_id, len(s.prompt_ids), max(1, len(s.response_ids))) for s in first.samples]
+        meta = {"model": Path(model).name, "prompt_set": args.prompt_set,
+                "prompt_offset": args.prompt_offset, "temperature": args.temperature,
+                "group_size": G, "seed": args.seed, "recorded_with": "python -m rl.bench rollout"}
+        save_trace(args.record_trace, Trace(items, T, {i: tuple(p) for i, p in enumerate(prompts)}, meta))
+        print(f"trace: {args.record_trace}")
+    full = next((r["peak_kv_tokens"] for r in rows if r["policy"] == "full_group"), None)
+    for r in rows:
+        r["peak_kv_vs_full"] = r["peak_kv_tokens"] / full if full else math.nan
+    return {"mode": "real", "rows": rows, "model": Path(model).name, "prompts": args.prompts,
+            "group_size": G, "max_new_tokens": T, "kv_budget_tokens": budget,
+            "safe_slots": safe_slots, "engine_cache_tokens": worker.cache_tokens,
+            "block_size": args.block_size, "prompt_set": args.prompt_set,
+            "prompt_offset": args.prompt_offset, "temperature": args.temperature,
+            "warmup": args.warmup_lengths}
+
+
+def real_row(policy: str, predictor: str, st, budget: int) -> dict:
+    x = st.extra
+    return {
+        "policy": policy, "predictor": predictor, "decode_steps": st.decode_steps,
+        "lower_bound": x["lower_bound"],
+        "steps_over_bound": st.decode_steps / max(x["lower_bound"], 1),
+        "peak_kv_tokens": st.peak_kv_tokens, "engine_peak_kv_tokens": x["engine_peak_kv_tokens"],
+        "kv_budget_tokens": x["kv_budget_tokens"], "slots": x["slots"],
+        "peak_concurrency": st.peak_running, "engine_peak_running": x["engine_peak_running"],
+        "generated_tokens": st.generated_tokens, "wall_s": st.seconds,
+        "tokens_per_s": st.generated_tokens / max(st.seconds, 1e-9),
+        "preemptions": st.preemptions, "overhead_s": st.scheduler_seconds,
+        "overhead_frac": st.scheduler_seconds / max(st.seconds, 1e-9),
+        "kv_over_budget_steps": sum(1 for t in x["timeline"] if t[1] > budget),
+        "timeline": x["timeline"],
+    }
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def format_rows(rows: list[dict], mode: str) -> str:
+    if mode == "simulate":
+        return format_table(rows)
+    cols = [("policy", "{}"), ("predictor", "{}"), ("decode_steps", "{}"), ("lower_bound", "{}"),
+            ("steps_over_bound", "{:.2f}"), ("peak_kv_tokens", "{}"),
+            ("engine_peak_kv_tokens", "{}"), ("kv_budget_tokens", "{}"), ("slots", "{}"),
+            ("peak_concurrency", "{}"), ("tokens_per_s", "{:.0f}"), ("wall_s", "{:.1f}"),
+            ("preemptions", "{}"), ("overhead_s", "{:.3f}"), ("overhead_frac", "{:.2%}")]
+    cells = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def save_plot(out: dict, path: str) -> None:
+    """Bars of steps (with the bound), peak KV (own, engine) and throughput; in real mode also
+    the KV held over the decode steps of each policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = out["rows"]
+    labels = [r["policy"] + ("" if r["predictor"] == "-" else f"\n{r['predictor']}") for r in rows]
+    real_mode = out["mode"] == "real"
+    fig, axes = plt.subplots(1, 4 if real_mode else 2, figsize=(20 if real_mode else 11, 4.2))
+    x = range(len(rows))
+    ax = axes[0]
+    ax.bar(x, [r["decode_steps"] for r in rows], color="tab:blue", label="decode steps")
+    ax.scatter(x, [r["lower_bound"] for r in rows], color="k", marker="_", s=600, label="lower bound")
+    ax.set_title("decode steps"), ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.bar([i - 0.2 for i in x], [r["peak_kv_tokens"] for r in rows], 0.4, label="own accounting")
+    if real_mode:
+        ax.bar([i + 0.2 for i in x], [r["engine_peak_kv_tokens"] or 0 for r in rows], 0.4,
+               label="engine (blocks in use)")
+        ax.axhline(out["kv_budget_tokens"], color="r", ls="--", lw=1, label="budget C")
+    ax.set_title("peak KV tokens"), ax.legend(fontsize=8)
+    for a in axes[:2]:
+        a.set_xticks(list(x), labels, fontsize=7)
+    if real_mode:
+        ax = axes[2]
+        ax.bar(x, [r["tokens_per_s"] for r in rows], color="tab:green")
+        ax.set_xticks(list(x), labels, fontsize=7), ax.set_title("generated tokens / s")
+        ax = axes[3]
+        for r, lab in zip(rows, labels):
+            t = r["timeline"]
+            ax.plot([s[0] for s in t], [s[2] for s in t], lw=1, label=lab.replace("\n", " "))
+        ax.axhline(out["kv_budget_tokens"], color="r", ls="--", lw=1)
+        ax.set_xscale("log"), ax.set_xlabel("decode step"), ax.set_title("engine KV tokens in use")
+        ax.legend(fontsize=7)
+    title = (f"{out.get('model', '')} B={out.get('prompts')} G={out.get('group_size')}" if real_mode
+             else f"simulation: {out['trace']} ({out['sequences']} seqs, S={out['slots']})")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
