@@ -5,7 +5,9 @@ The engine is driven through `add_request` / `step` so that an admission policy 
 in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weight updates then reach the model
 through `collective_rpc` as Python objects, without a second copy through a socket.
 
-A plain class, so tests run it without Ray; `rollout.actor` wraps it as a Ray actor.
+The step loop itself (admission, exact token counts, the engine's KV usage and preemptions)
+is `rollout.executor.run_rollout`. A plain class, so tests run it without Ray; `rl.actors`
+wraps it as a Ray actor.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import time
 from typing import Any
 
-from rollout.records import RolloutResult, RolloutStats, Sample, SampleRequest
+from rollout.records import RolloutResult, Sample, SampleRequest
 
 
 def _configure_vllm_env(num_threads: int | None) -> None:
@@ -39,8 +41,10 @@ class RolloutWorker:
         policy: admission policy name from `scheduling` (full_group, naive_micro, continuous, length_aware).
         policy_kwargs: its keyword arguments.
         kv_budget_tokens: KV tokens the policy may fill; None derives it from the engine's cache.
-        slots: most sequences in flight; None = no limit beyond the KV budget.
+        slots: most sequences in flight; None = the engine's max_num_seqs.
         logits_processors: vLLM V1 logits processor classes (e.g. HAPO's adaptive temperature).
+        engine_kwargs: further `EngineArgs` (e.g. block_size, max_num_seqs,
+            num_gpu_blocks_override to give the engine exactly a given KV cache); they win.
     """
 
     def __init__(
@@ -57,14 +61,15 @@ class RolloutWorker:
         slots: int | None = None,
         logits_processors: list | None = None,
         num_threads: int | None = None,
+        engine_kwargs: dict | None = None,
     ):
         _configure_vllm_env(num_threads)
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        from scheduling import make_policy
+        from rollout.executor import EngineProbe
 
-        args = EngineArgs(
+        args = dict(
             model=model_path,
             dtype=dtype,
             seed=seed,
@@ -75,21 +80,31 @@ class RolloutWorker:
             logits_processors=logits_processors or None,
             disable_log_stats=True,
         )
-        self.engine = LLMEngine.from_engine_args(args)
+        args.update(engine_kwargs or {})
+        self.engine = LLMEngine.from_engine_args(EngineArgs(**args))
         self.tokenizer = self.engine.get_tokenizer()
-        self.policy = make_policy(policy, **(policy_kwargs or {}))
-        self.cache_tokens = self._engine_cache_tokens()
-        self.kv_budget_tokens = kv_budget_tokens or self.cache_tokens
-        self.slots = slots or self.engine.vllm_config.scheduler_config.max_num_seqs
+        self.probe = EngineProbe(self.engine)  # engine KV usage and preemption counter
+        self.cache_tokens = self.probe.cache_tokens
+        self.record_timeline = False  # benchmarks: per-step KV in stats.extra["timeline"]
         self._request_counter = 0
-        self._count_preemptions()
+        self.set_policy(policy, policy_kwargs, kv_budget_tokens, slots)
+
+    def set_policy(self, policy: str, policy_kwargs: dict | None = None,
+                   kv_budget_tokens: int | None = None, slots: int | None = None) -> None:
+        """Replace the admission policy (a fresh one: a learned length predictor starts over).
+
+        The policy object lives as long as the worker, so what it learns (the length predictor)
+        carries over from one training step to the next. kv_budget_tokens None: the engine's
+        whole KV cache; slots None: the engine's max_num_seqs.
+        """
+        from rollout.executor import default_slots
+        from scheduling import make_policy
+
+        self.policy = make_policy(policy, **(policy_kwargs or {}))
+        self.kv_budget_tokens = kv_budget_tokens or self.cache_tokens
+        self.slots = slots or default_slots(self.engine)
 
     # --- generation -------------------------------------------------------------------
-
-    def _engine_cache_tokens(self) -> int:
-        cache = self.engine.vllm_config.cache_config
-        blocks = cache.num_gpu_blocks or 0
-        return int(blocks * cache.block_size)
 
     def generate(self, requests: list[SampleRequest], group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0,
@@ -101,97 +116,45 @@ class RolloutWorker:
         """
         from vllm import SamplingParams
 
+        from rollout.executor import run_rollout
         from scheduling import Seq
 
         params = SamplingParams(
             temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
             extra_args=extra_args or None,
         )
-        seqs: dict[str, Seq] = {}
+        seqs: list[Seq] = []
         prompts: dict[str, tuple[int, int, list[int]]] = {}
         for req in requests:
             for k in range(group_size):
                 rid = f"r{self._request_counter}"
                 self._request_counter += 1
-                seqs[rid] = Seq(rid, req.group_id, len(req.prompt_ids), max_new_tokens,
-                                prompt_ids=tuple(req.prompt_ids))
+                seqs.append(Seq(rid, req.group_id, len(req.prompt_ids), max_new_tokens,
+                                prompt_ids=tuple(req.prompt_ids)))
                 prompts[rid] = (req.group_id, k, req.prompt_ids)
 
-        stats = RolloutStats()
-        start = time.perf_counter()
-        self.policy.begin_rollout(list(seqs.values()))
-        pending = list(seqs.values())
-        running: dict[str, Seq] = {}
-        finished: dict[str, Any] = {}
-        preempt_before = self._preemptions()
-        while pending or running:
-            t0 = time.perf_counter()
-            admit = self.policy.plan(pending, list(running.values()), self.kv_budget_tokens, self.slots)
-            stats.scheduler_seconds += time.perf_counter() - t0
-            if admit:
-                admit_set = set(admit)
-                for seq in [s for s in pending if s.seq_id in admit_set]:
-                    self.engine.add_request(seq.seq_id, {"prompt_token_ids": prompts[seq.seq_id][2]}, params)
-                    running[seq.seq_id] = seq
-                pending = [s for s in pending if s.seq_id not in admit_set]
-            stats.peak_running = max(stats.peak_running, len(running))
-            stats.peak_kv_tokens = max(stats.peak_kv_tokens,
-                                       sum(s.prompt_tokens + s.generated for s in running.values()))
-            outputs = self.engine.step()
-            stats.decode_steps += 1
-            for seq in running.values():
-                seq.generated += 1
-            for out in outputs:
-                if out.finished:
-                    seq = running.pop(out.request_id)
-                    completion = out.outputs[0]
-                    seq.generated = len(completion.token_ids)
-                    finished[out.request_id] = completion
-                    t0 = time.perf_counter()
-                    self.policy.on_finished(seq, seq.generated)
-                    stats.scheduler_seconds += time.perf_counter() - t0
-        stats.seconds = time.perf_counter() - start
-        stats.preemptions = self._preemptions() - preempt_before
+        finished, stats = run_rollout(
+            self.engine, self.policy, seqs, {rid: p[2] for rid, p in prompts.items()}, params,
+            self.kv_budget_tokens, self.slots, self.probe, self.record_timeline)
 
         samples = []
-        for rid in seqs:
-            group_id, k, prompt_ids = prompts[rid]
+        for rid, (group_id, k, prompt_ids) in prompts.items():
             c = finished[rid]
             token_ids = list(c.token_ids)
             logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, token_ids)]
             samples.append(Sample(group_id, k, list(prompt_ids), token_ids, c.text, logprobs,
                                   c.finish_reason or "stop"))
-            stats.generated_tokens += len(token_ids)
         return RolloutResult(samples, stats)
-
-    def _count_preemptions(self) -> None:
-        """Wrap the in-process scheduler's preempt hook with a counter.
-
-        vLLM keeps a per-request count only; a good plan has none, and this makes any visible.
-        """
-        self._num_preemptions = 0
-        core = getattr(self.engine.engine_core, "engine_core", None)
-        scheduler = getattr(core, "scheduler", None)
-        original = getattr(scheduler, "_preempt_request", None)
-        if original is None:
-            return
-
-        def counted(*args, **kwargs):
-            self._num_preemptions += 1
-            return original(*args, **kwargs)
-
-        scheduler._preempt_request = counted
-
-    def _preemptions(self) -> int:
-        return self._num_preemptions
 
     # --- weights ----------------------------------------------------------------------
 
-    def load_weights(self, named_tensors: dict[str, Any]) -> dict[str, float]:
-        """Load new weights in place (HF names -> tensors); returns seconds and bytes."""
-        from rollout.weights import load_weights_into_worker
+    def load_weights(self, weights: Any) -> dict[str, float]:
+        """Load new weights in place: a `rollout.weights.FlatWeights` (zero-copy views of
+        the object store's buffers) or a dict of HF names -> tensors; returns seconds and bytes."""
+        from rollout.weights import as_named_tensors, load_weights_into_worker
 
         start = time.perf_counter()
+        named_tensors = as_named_tensors(weights)
         self.engine.collective_rpc(load_weights_into_worker, args=(named_tensors,))
         # Cached prefixes were computed with the old weights.
         self.engine.reset_prefix_cache()
@@ -227,4 +190,5 @@ class RolloutWorker:
 
     def info(self) -> dict:
         return {"cache_tokens": self.cache_tokens, "kv_budget_tokens": self.kv_budget_tokens,
-                "slots": self.slots, "pid": os.getpid()}
+                "slots": self.slots, "policy": self.policy.name,
+                "block_size": self.probe.block_size, "pid": os.getpid()}
