@@ -60,8 +60,12 @@ class RolloutGroup:
         r = config.rollout
         opts = _actor_options()
         max_model_len = config.data.max_prompt_tokens + r.max_new_tokens
+        env = dict(ACTOR_ENV)
+        if logits_processors:
+            # vLLM's V2 model runner (picked on GPUs with Triton) rejects V1-interface processors.
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.workers = [
-            RolloutActor.options(**opts, runtime_env={"env_vars": ACTOR_ENV}).remote(
+            RolloutActor.options(**opts, runtime_env={"env_vars": env}).remote(
                 model_path, dtype=config.model.dtype, max_model_len=max_model_len,
                 gpu_memory_utilization=r.gpu_memory_utilization,
                 seed=(r.seed if r.seed is not None else seed) + 1000 * i,
@@ -75,6 +79,18 @@ class RolloutGroup:
         shards = [requests[i::len(self.workers)] for i in range(len(self.workers))]
         refs = [w.generate.remote(shard, **sampling) for w, shard in zip(self.workers, shards) if shard]
         return ray.get(refs)
+
+    def logits_processor_metrics(self) -> dict[str, float]:
+        """The workers' logits-processor metrics since the last call: min/max reduced, row
+        counts summed, means averaged over workers."""
+        per_worker = [m for m in ray.get([w.logits_processor_metrics.remote() for w in self.workers]) if m]
+        reducers = {"_min": min, "_max": max, "_rows": sum}
+        out = {}
+        for key in {k for m in per_worker for k in m}:
+            values = [m[key] for m in per_worker if key in m]
+            reduce = next((f for end, f in reducers.items() if key.endswith(end)), None)
+            out[key] = reduce(values) if reduce else sum(values) / len(values)
+        return out
 
     def shutdown(self) -> None:
         for w in self.workers:

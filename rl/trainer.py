@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import statistics
@@ -13,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from rl.config import config_to_dict
-from rl.errors import SyncError
+from rl.errors import ConfigError, SyncError
 from rl.learner import LearnerSettings, TrainBatch
 from rl.metrics import MetricsLogger
 from rl.packing import split_across_ranks
@@ -22,26 +23,42 @@ from rollout.records import Sample, SampleRequest
 STATE_FILE = "trainer_state.json"
 
 
+@dataclasses.dataclass
+class ScoredBatch:
+    """One step's training material: sampled groups with their (shaped) rewards."""
+
+    samples: list[Sample]
+    """Sorted by (group_id, sample_index); group ids unique across generation batches."""
+    rewards: list[float]
+    """[len(samples)] reward after objective shaping (DAPO overlong penalty)."""
+    valid: list[bool]
+    """[len(samples)] False: dropped by reward.on_error."""
+    metrics: dict
+    """Rollout, reward, dynamic-sampling and logits-processor metrics over every sample drawn."""
+    failures: list[str]
+    """Reward failures, one line each."""
+
+
 class Trainer:
     def __init__(self, prepared):
         from omegaconf import OmegaConf
 
         from rewards import RewardExecutor
         from rl.actors import LearnerGroup, RolloutGroup
-        from rl.objectives import get_objective
 
         self.p = prepared
         self.config = c = prepared.config
         self.out = Path(c.trainer.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(config_to_dict(c)), self.out / "config.yaml")
-        self.objective = get_objective(c.objective.name, **c.objective.params)
+        self.setup_objective()
         self.start_step = 0
         resume = c.trainer.resume_from
         if resume:
             state = json.loads((Path(resume) / STATE_FILE).read_text())
             self.start_step = int(state["step"])
             self.p.prompts.load_state_dict(state["data"])
+            self.rollout_extra_args = state.get("rollout_extra_args", self.rollout_extra_args)
             random.setstate(_tuple_state(state["python_rng"]))
         else:
             random.seed(c.trainer.seed)
@@ -61,7 +78,8 @@ class Trainer:
             init_weights_path=full_ft_resume)
         # Rollout engines are re-seeded on resume so a continued run does not replay samples.
         rollout_seed = c.trainer.seed + 7919 * self.start_step
-        self.rollout = RolloutGroup(c, prepared.model_path, rollout_seed)
+        self.rollout = RolloutGroup(c, prepared.model_path, rollout_seed,
+                                    logits_processors=[self.rollout_processor] if self.rollout_processor else None)
         self.learners = LearnerGroup(c, settings)
         if resume:
             self.learners.call_all("load_training_state", resume)
@@ -74,6 +92,21 @@ class Trainer:
         if resume:
             self.sync_weights()  # rollout engines start from model.path; bring them up to date
 
+    def setup_objective(self) -> None:
+        """The objective and its driver-side hooks, found as attributes (no if/elif on names):
+        HAPO samples through a vLLM logits processor fed with the last step's statistics; DAPO
+        shapes rewards and filters groups (dynamic sampling, up to max_gen_batches batches)."""
+        from rl.objectives import get_objective
+
+        c = self.config
+        self.objective = get_objective(c.objective.name, **c.objective.params)
+        self._check_reward_shaping()
+        self.rollout_processor = getattr(self.objective, "rollout_logits_processor", None)
+        self.rollout_extra_args = (self.objective.rollout_sampling_args(None)
+                                   if self.rollout_processor else None)
+        self.max_gen_batches = (getattr(self.objective.cfg, "max_gen_batches", 1)
+                                if hasattr(self.objective, "keep_groups") else 1)
+
     # --- one step, top to bottom ------------------------------------------------------
 
     def fit(self) -> dict:
@@ -83,31 +116,21 @@ class Trainer:
                    initial=self.start_step, total=c.trainer.total_steps, unit="step", dynamic_ncols=True)
         for step in bar:
             t_step = time.perf_counter()
-            prompts = self.p.prompts.next_batch()
+            # prompts -> rollout -> rewards (several generation batches under dynamic sampling)
+            batch = self.sample_and_score()
 
             t0 = time.perf_counter()
-            samples, rollout_stats = self.generate(prompts)
-            t_generate = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            reward = self.rewards.score(
-                [prompts[s.group_id].text for s in samples], [s.response_text for s in samples],
-                _columns(prompts, samples), [s.group_id for s in samples])
-            t_reward = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            shards, adv_metrics = self.make_train_batches(samples, reward.rewards, reward.valid)
+            shards, adv_metrics = self.make_train_batches(batch.samples, batch.rewards, batch.valid)
             train_metrics = self.learners.update(shards)
             t_train = time.perf_counter() - t0
 
             sync_metrics = self.sync_weights()
+            if self.rollout_processor:  # HAPO: the next rollout uses this step's entropy statistics
+                self.rollout_extra_args = self.objective.rollout_sampling_args(shards[0].batch_stats)
 
-            metrics = {**_rollout_metrics(samples, rollout_stats), **reward.metrics,
-                       **_reward_summary(reward.rewards, reward.valid), **adv_metrics,
-                       **train_metrics, **sync_metrics,
-                       "time/generate": t_generate, "time/reward": t_reward, "time/train": t_train,
-                       "time/step": time.perf_counter() - t_step}
-            for line in reward.failures[:3]:
+            metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics,
+                       "time/train": t_train, "time/step": time.perf_counter() - t_step}
+            for line in batch.failures[:3]:
                 tqdm.write(f"reward failure: {line}")
             if c.trainer.checkpoint_every and step % c.trainer.checkpoint_every == 0 or step == c.trainer.total_steps:
                 t0 = time.perf_counter()
@@ -120,11 +143,101 @@ class Trainer:
         bar.close()
         return last
 
+    def sample_and_score(self) -> ScoredBatch:
+        """Prompts -> rollout -> rewards -> objective shaping, in generation batches of
+        prompts_per_step prompts. Without a group filter that is one batch. With DAPO's dynamic
+        sampling (arXiv:2503.14476) groups whose rewards are all equal (zero advantage, no
+        gradient) are dropped and more prompts are drawn until prompts_per_step groups are kept,
+        at most max_gen_batches batches; if none is kept, the last batch trains as it is."""
+        want = self.config.data.prompts_per_step
+        kept: list[tuple[list[Sample], list[float], list[bool]]] = []  # one entry per kept group
+        drawn, rollout_rows, reward_rows, raw, failures = [], [], [], [], []
+        t_generate = t_reward = 0.0
+        num_prompts = 0
+        for gen_batch in range(1, self.max_gen_batches + 1):
+            prompts = self.p.prompts.next_batch()
+            t0 = time.perf_counter()
+            samples, rollout_stats = self.generate(prompts)
+            t_generate += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            reward = self.rewards.score(
+                [prompts[s.group_id].text for s in samples], [s.response_text for s in samples],
+                _columns(prompts, samples), [s.group_id for s in samples])
+            t_reward += time.perf_counter() - t0
+
+            # group ids (prompt indices) unique across the step's generation batches
+            samples = [dataclasses.replace(s, group_id=s.group_id + num_prompts) for s in samples]
+            num_prompts += len(prompts)
+            rewards = self.shape_rewards(samples, reward.rewards)
+            groups = _split_groups(samples, rewards, reward.valid)
+            drawn += groups
+            kept += [g for g in groups if self.keep_group(g)]
+            rollout_rows.append(rollout_stats)
+            reward_rows.append(reward.metrics)
+            raw += [(r, v) for r, v in zip(reward.rewards, reward.valid)]
+            failures += reward.failures
+            if len(kept) >= want:
+                break
+        used = kept[:want] if kept else drawn[-want:]
+        all_samples = [s for g in drawn for s in g[0]]
+        metrics = {**_rollout_metrics(all_samples, _merge_batches(rollout_rows)), **_merge_batches(reward_rows),
+                   **_reward_summary([r for r, _ in raw], [v for _, v in raw]),
+                   "time/generate": t_generate, "time/reward": t_reward}
+        if hasattr(self.objective, "shape_rewards"):
+            shaped = [r for g in used for r, v in zip(g[1], g[2]) if v] or [0.0]
+            metrics["reward/shaped_mean"] = statistics.fmean(shaped)
+        if hasattr(self.objective, "keep_groups"):
+            metrics.update({"dynamic_sampling/gen_batches": float(gen_batch),
+                            "dynamic_sampling/kept_groups": float(len(kept)),
+                            "dynamic_sampling/dropped_groups": float(len(drawn) - len(kept)),
+                            "dynamic_sampling/trained_groups": float(len(used))})
+        if self.rollout_processor:
+            metrics.update(self.rollout.logits_processor_metrics())
+        return ScoredBatch([s for g in used for s in g[0]], [r for g in used for r in g[1]],
+                           [v for g in used for v in g[2]], metrics, failures)
+
+    def shape_rewards(self, samples: list[Sample], rewards: list[float]) -> list[float]:
+        """The objective's reward shaping (DAPO: overlong penalty on response length), if any."""
+        shape = getattr(self.objective, "shape_rewards", None)
+        if shape is None:
+            return list(rewards)
+        lengths = torch.tensor([len(s.response_ids) for s in samples])
+        return shape(torch.tensor(rewards, dtype=torch.float64), lengths, max_len=self._max_response_len()).tolist()
+
+    def keep_group(self, group: tuple[list[Sample], list[float], list[bool]]) -> bool:
+        """The objective's group filter (DAPO dynamic sampling) on one group's valid samples."""
+        keep_groups = getattr(self.objective, "keep_groups", None)
+        rewards = [r for r, v in zip(group[1], group[2]) if v]
+        if keep_groups is None:
+            return True
+        if not rewards:
+            return False
+        return bool(keep_groups(torch.tensor(rewards, dtype=torch.float64),
+                                torch.zeros(len(rewards), dtype=torch.long)).all())
+
+    def _max_response_len(self) -> int:
+        return self.objective.cfg.max_response_len or self.config.rollout.max_new_tokens
+
+    def _check_reward_shaping(self) -> None:
+        """Fail before any actor starts when the shaping cannot work at this response length."""
+        if not hasattr(self.objective, "shape_rewards"):
+            return
+        try:
+            self.objective.shape_rewards(torch.zeros(1), torch.zeros(1), max_len=self._max_response_len())
+        except ValueError as e:
+            raise ConfigError(
+                f"objective {self.config.objective.name}: {e} (max response length "
+                f"{self._max_response_len()} = objective.max_response_len or rollout.max_new_tokens). "
+                f"Fix: set objective.overlong_buffer_len below it (the DAPO paper uses 4096 of 20480), "
+                f"or objective.overlong_shaping=false.") from None
+
     def generate(self, prompts) -> tuple[list[Sample], dict]:
         r = self.config.rollout
         requests = [SampleRequest(i, p.token_ids) for i, p in enumerate(prompts)]
         results = self.rollout.generate(requests, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
-                                        temperature=r.temperature, top_p=r.top_p)
+                                        temperature=r.temperature, top_p=r.top_p,
+                                        extra_args=self.rollout_extra_args)
         samples = sorted((s for res in results for s in res.samples), key=lambda s: (s.group_id, s.sample_index))
         stats = [res.stats for res in results]
         return samples, {
@@ -149,8 +262,7 @@ class Trainer:
             mask[i, :len(s.response_ids)] = True
             logp[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
         adv = self.objective.advantages(rewards_t, group, mask, logp=logp)
-        max_len = self.objective.cfg.max_response_len or self.config.rollout.max_new_tokens
-        norm = self.objective.loss_norm(mask, max_len=max_len)
+        norm = self.objective.loss_norm(mask, max_len=self._max_response_len())
         batch_stats = None
         if self.objective.needs_entropy:
             ent_rows = self.learners.call_all("entropies", [s.prompt_ids for s in samples],
@@ -178,15 +290,23 @@ class Trainer:
     # --- weights ----------------------------------------------------------------------
 
     def sync_weights(self) -> dict:
-        """Learner rank 0 -> every rollout worker, then verify on a canary prompt."""
+        """Learner rank 0 -> every rollout worker, then verify on a canary prompt.
+
+        CPU: one flat buffer per dtype through Ray's shared-memory object store, read zero-copy
+        by the workers (rollout/weights.py). On GPU vLLM's NCCL weight transfer is the path to
+        use instead (documented in docs/BENCHMARKS.md, not implemented or tested here).
+        """
         t0 = time.perf_counter()
-        weights = self.learners.rank0.export_weights.remote()
+        weights = self.learners.rank0.export_flat_weights.remote()
+        ray.wait([weights], fetch_local=False)
+        t_export = time.perf_counter() - t0
         loads = ray.get([w.load_weights.remote(weights) for w in self.rollout.workers])
         del weights
         seconds = time.perf_counter() - t0
         max_diff, mean_diff = self.verify_sync()
-        return {"sync/seconds": seconds, "sync/bytes": loads[0]["bytes"],
-                "sync/load_seconds": max(x["seconds"] for x in loads), "sync/max_logprob_diff": max_diff,
+        return {"sync/seconds": seconds, "sync/bytes": loads[0]["bytes"], "sync/export_seconds": t_export,
+                "sync/load_seconds": max(x["seconds"] for x in loads),
+                "sync/gb_per_s": loads[0]["bytes"] / max(seconds, 1e-9) / 1e9, "sync/max_logprob_diff": max_diff,
                 "sync/mean_logprob_diff": mean_diff, "time/sync": time.perf_counter() - t0}
 
     def verify_sync(self) -> tuple[float, float]:
@@ -210,7 +330,7 @@ class Trainer:
         path = self.out / "checkpoints" / f"step_{step}"
         self.learners.call_all("save_checkpoint", str(path), self.p.model_path)
         state = {"step": step, "data": self.p.prompts.state_dict(), "python_rng": random.getstate(),
-                 "config": config_to_dict(self.config)}
+                 "config": config_to_dict(self.config), "rollout_extra_args": self.rollout_extra_args}
         (path / STATE_FILE).write_text(json.dumps(state))
         return path
 
@@ -231,6 +351,42 @@ def _columns(prompts, samples: list[Sample]) -> dict[str, list]:
     cols = {k: [prompts[s.group_id].columns.get(k) for s in samples] for k in keys}
     cols["completion_ids"] = [s.response_ids for s in samples]
     return cols
+
+
+def _split_groups(samples: list[Sample], rewards: list[float], valid: list[bool]):
+    """Samples sorted by group -> [(samples, rewards, valid)] per group, in group order."""
+    groups: dict[int, tuple[list, list, list]] = {}
+    for s, r, v in zip(samples, rewards, valid):
+        members, group_rewards, group_valid = groups.setdefault(s.group_id, ([], [], []))
+        members.append(s)
+        group_rewards.append(r)
+        group_valid.append(v)
+    return [groups[k] for k in sorted(groups)]
+
+
+# Last part of a metric name whose values add up over a step's generation batches.
+_SUMMED = ("seconds", "steps", "count", "none", "errors", "timeouts", "invalid", "unscored",
+           "restarts", "preemptions")
+
+
+def _merge_batches(rows: list[dict]) -> dict:
+    """One step's metrics from those of its generation batches: counts and times add up, peaks
+    and maxima take the max, minima the min, the rest (means, stds) average over batches."""
+    if len(rows) == 1:
+        return dict(rows[0])
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if key in r]
+        last = key.rsplit("/", 1)[-1]
+        if "peak" in last or last == "max":
+            out[key] = max(values)
+        elif last == "min":
+            out[key] = min(values)
+        elif last.endswith(_SUMMED):
+            out[key] = sum(values)
+        else:
+            out[key] = statistics.fmean(values)
+    return out
 
 
 def _rollout_metrics(samples: list[Sample], stats: dict) -> dict:
