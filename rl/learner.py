@@ -1,10 +1,11 @@
 """Learner worker: the trained model, its optimizer, one update per training step.
 
 Float32 master weights; forward/backward under bf16 autocast when `model.dtype` is 16-bit
-(bf16 matmuls, fp32 accumulation and optimizer state). Several learners form a data-parallel
-group (gloo on CPU, nccl on GPU): each takes a share of the sequences, losses are normalized
-by the GLOBAL token/sequence counts, and gradients are summed with all_reduce, so the update
-does not depend on how the batch was split.
+(bf16 matmuls, fp32 accumulation and optimizer state). Micro-batches are packed rows without
+padding by default (`layout`, see rl/logprobs.py); the padded layout stays selectable.
+Several learners form a data-parallel group (gloo on CPU, nccl on GPU): each takes a share of
+the sequences, losses are normalized by the GLOBAL token/sequence counts, and gradients are
+summed with all_reduce, so the update does not depend on how the batch was split.
 
 A plain class, so tests run it without Ray; `rl.actors` wraps it as a Ray actor.
 """
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from rl.logprobs import make_micro_batch, response_logprobs, right_align
-from rl.packing import pack_micro_batches, padding_fraction
+from rl.logprobs import build_micro_batch, make_micro_batch, response_logprobs, right_align
+from rl.packing import pack_micro_batches, pack_sequences, processed_tokens
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -60,11 +61,17 @@ class LearnerSettings:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096
+    layout: str = "packed"
+    """Micro-batch layout: packed (one row, no padding) | padded (left-padded rectangle)."""
     temperature: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
     init_weights_path: str | None = None
     """Full fine-tuning resume: load weights from this checkpoint instead of model_path."""
+
+    def __post_init__(self):
+        if self.layout not in ("packed", "padded"):
+            raise ValueError(f"LearnerSettings.layout = {self.layout!r}: use 'packed' or 'padded'")
 
 
 class Learner:
@@ -140,40 +147,85 @@ class Learner:
         out: list[list[float]] = [[] for _ in prompt_ids]
         lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
         with torch.no_grad(), self._autocast():
-            for idx in pack_micro_batches(lengths, self.s.micro_batch_tokens):
-                mb = make_micro_batch([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], self.pad_id)
-                _, ent = response_logprobs(self.model, self._to_device(mb), self.s.temperature, with_entropy=True)
+            for idx in self._micro_batches(lengths):
+                mb = self._build([prompt_ids[i] for i in idx], [response_ids[i] for i in idx])
+                _, ent = response_logprobs(self.model, mb, self.s.temperature, with_entropy=True)
                 for row, i in enumerate(idx):
                     n = len(response_ids[i])
                     out[i] = ent[row, ent.shape[1] - n:].tolist() if n else []
         return out
 
+    def _micro_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Sequence indices per micro-batch under the token budget, for the configured layout."""
+        if self.s.layout == "packed":
+            return pack_sequences(lengths, self.s.micro_batch_tokens)
+        return pack_micro_batches(lengths, self.s.micro_batch_tokens)
+
+    def _build(self, prompts: list[list[int]], responses: list[list[int]]):
+        return self._to_device(build_micro_batch(self.s.layout, prompts, responses, self.pad_id))
+
     def _to_device(self, mb):
         if self.device.type == "cpu":
             return mb
-        for name in ("input_ids", "attention_mask", "position_ids", "response_ids", "response_mask"):
-            setattr(mb, name, getattr(mb, name).to(self.device))
+        for name, value in list(vars(mb).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(mb, name, value.to(self.device))
         return mb
 
     # --- the update -------------------------------------------------------------------
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on this rank's share; metrics are global (all ranks)."""
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        local = self.accumulate_gradients(batch)
+        # Global reductions: gradients (sum; losses are already globally normalized) and metrics.
+        if self.world_size > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self._all_reduce(p.grad)
+        sums = local["sums"]
+        keys = sorted(sums)
+        reduced = self._all_reduce(torch.tensor(
+            [local["loss"], local["response_tokens"], local["tokens"], local["processed_tokens"]]
+            + [sums[k] for k in keys], dtype=torch.float64))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, self.s.grad_clip if self.s.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        global_tokens = max(float(reduced[1]), 1.0)
+        out = {k: float(reduced[4 + j]) / global_tokens for j, k in enumerate(keys)}
+        tokens, processed = float(reduced[2]), float(reduced[3])
+        out.update({
+            "loss": float(reduced[0]),
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            "train/micro_batches": float(local["micro_batches"]),
+            "train/padding_fraction": (processed - tokens) / processed if processed else 0.0,
+            "train/tokens": tokens,
+            "train/processed_tokens": processed,
+            "time/train_compute": time.perf_counter() - start,
+        })
+        return out
+
+    def accumulate_gradients(self, batch: TrainBatch) -> dict:
+        """Forward + backward over this rank's micro-batches, adding into `.grad` (no step).
+
+        Returns this rank's sums: loss, token counts, and token-weighted metric sums.
+        """
         from rl.objectives.common import LossNorm
 
-        start = time.perf_counter()
         self.model.train()
         obj = self.objective
         norm = LossNorm(batch.num_tokens, batch.num_seqs, batch.max_len)
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
-        micro_batches = pack_micro_batches(lengths, self.s.micro_batch_tokens)
-        self.optimizer.zero_grad(set_to_none=True)
+        micro_batches = self._micro_batches(lengths)
         sums: dict[str, float] = {}
         total_loss = 0.0
         with_entropy = True  # entropy is a logged metric for every objective
         for idx in micro_batches:
-            mb = self._to_device(make_micro_batch([batch.prompt_ids[i] for i in idx],
-                                                  [batch.response_ids[i] for i in idx], self.pad_id))
+            mb = self._build([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx])
             T = mb.response_ids.shape[1]
             adv = right_align([batch.advantages[i] for i in idx], T).to(self.device)
             rollout_lp = right_align([batch.rollout_logprobs[i] for i in idx], T).to(self.device)
@@ -199,32 +251,10 @@ class Learner:
             metrics["train/rollout_logprob_abs_diff"] = float(diff.abs().mean()) if n_tok else 0.0
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n_tok
-        # Global reductions: gradients (sum; losses are already globally normalized) and metrics.
-        if self.world_size > 1:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                self._all_reduce(p.grad)
-        keys = sorted(sums)
-        local_tokens = float(sum(lengths[i] - len(batch.prompt_ids[i]) for i in range(len(lengths))))
-        reduced = self._all_reduce(torch.tensor([total_loss, local_tokens] + [sums[k] for k in keys],
-                                                dtype=torch.float64))
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.params, self.s.grad_clip if self.s.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        global_tokens = max(float(reduced[1]), 1.0)
-        out = {k: float(reduced[2 + j]) / global_tokens for j, k in enumerate(keys)}
-        out.update({
-            "loss": float(reduced[0]),
-            "grad_norm": float(grad_norm),
-            "lr": self.scheduler.get_last_lr()[0],
-            "train/micro_batches": float(len(micro_batches)),
-            "train/padding_fraction": padding_fraction(lengths, micro_batches),
-            "train/tokens": float(sum(lengths)),
-            "time/train_compute": time.perf_counter() - start,
-        })
-        return out
+        return {"loss": total_loss, "sums": sums, "micro_batches": len(micro_batches),
+                "response_tokens": float(sum(len(r) for r in batch.response_ids)),
+                "tokens": float(sum(lengths)),
+                "processed_tokens": float(processed_tokens(lengths, micro_batches, self.s.layout))}
 
     # --- scoring, weights, checkpoints ------------------------------------------------
 
@@ -241,10 +271,28 @@ class Learner:
         dtype = _DTYPES[self.s.dtype]
         if self.s.lora_rank > 0:
             return self._merged_lora_weights(dtype)
+        return {k: v.to(dtype).contiguous() for k, v in self._full_weights().items()}
+
+    def export_flat_weights(self):
+        """`export_weights` as a `rollout.weights.FlatWeights`: one contiguous buffer per dtype.
+
+        The fp32 -> rollout-dtype cast writes straight into a buffer reused across steps, and
+        Ray moves the buffer through its shared-memory object store without pickling tensors
+        (see rollout/weights.py). This is the CPU sync path.
+        """
+        from rollout.weights import FlatPacker
+
+        dtype = _DTYPES[self.s.dtype]
+        if getattr(self, "_packer", None) is None:
+            self._packer = FlatPacker(dtype)
+        named = self._merged_lora_weights(dtype) if self.s.lora_rank > 0 else self._full_weights()
+        return self._packer.pack(named)
+
+    def _full_weights(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()
         if self.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # same tensor as embed_tokens; saves bytes
-        return {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
+        return {k: v.detach() for k, v in state.items()}
 
     def _merged_lora_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         self.model.merge_adapter()

@@ -1,10 +1,23 @@
-"""Per-token log-probs of responses under a causal LM, on left-padded micro-batches.
+"""Per-token log-probs of responses under a causal LM, on padded or packed micro-batches.
 
-Layout: every row is left-padded to the micro-batch's longest prompt+response, so all
-responses end at the last column and sit right-aligned in the last T columns. The model
-then only needs logits for the last T + 1 positions (`logits_to_keep`), not the prompts'.
+Both layouts return the objective-facing tensors in the same shape: log-probs [n, T] with
+each response right-aligned in the last columns, mask [n, T], so objectives never see the
+layout.
+
+padded: every row is left-padded to the micro-batch's longest prompt+response, so all
+responses end at the last column. The model only needs logits for the last T + 1 positions
+(`logits_to_keep`), not the prompts'.
 
     input_ids [n, L]   attention_mask [n, L]   response mask [n, T] (right-aligned)
+
+packed: the n sequences sit back to back in ONE row of S = sum(L_i) tokens, no padding.
+`position_ids` restart at 0 at each sequence and `attention_mask` is None, which makes
+transformers' `create_causal_mask` build a block-diagonal causal mask
+(`masking_utils.find_packed_sequence_indices`). `logits_to_keep` is the 1-D tensor of the K
+positions whose logits predict a response token, so the lm_head and the log-softmax run on
+response tokens only; the K log-probs are scattered (differentiably) into [n, T].
+
+    input_ids [1, S]   position_ids [1, S]   logits_index [K]   dest_rows/dest_cols [K]
 """
 
 from __future__ import annotations
@@ -17,6 +30,8 @@ from torch import Tensor
 
 @dataclass
 class MicroBatch:
+    """Padded layout."""
+
     input_ids: Tensor       # [n, L] long, left-padded
     attention_mask: Tensor  # [n, L] long
     position_ids: Tensor    # [n, L] long, 0 at each row's first real token
@@ -26,6 +41,34 @@ class MicroBatch:
     @property
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum())
+
+    @property
+    def num_processed_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+@dataclass
+class PackedMicroBatch:
+    """Packed layout: one row, no padding."""
+
+    input_ids: Tensor      # [1, S] long, sequences back to back
+    position_ids: Tensor   # [1, S] long, restarting at 0 for each sequence
+    logits_index: Tensor   # [K] long, positions whose logits predict a response token
+    targets: Tensor        # [K] long, the response token each of those positions predicts
+    dest_rows: Tensor      # [K] long, where each log-prob goes in [n, T]
+    dest_cols: Tensor      # [K] long
+    response_ids: Tensor   # [n, T] long, right-aligned (as in MicroBatch)
+    response_mask: Tensor  # [n, T] bool
+
+    attention_mask = None  # the block-diagonal mask comes from position_ids
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    @property
+    def num_processed_tokens(self) -> int:
+        return self.input_ids.numel()
 
 
 def right_align(rows: list[list[float]], width: int, fill: float = 0.0,
@@ -51,25 +94,90 @@ def make_micro_batch(prompts: list[list[int]], responses: list[list[int]], pad_i
     return MicroBatch(input_ids, attention_mask, position_ids, response_ids, response_mask)
 
 
-def response_logprobs(model, mb: MicroBatch, temperature: float = 1.0,
+def make_packed_micro_batch(prompts: list[list[int]], responses: list[list[int]],
+                            pad_id: int) -> PackedMicroBatch:
+    """Build the packed layout. Every prompt must be non-empty (its last token predicts the
+    first response token)."""
+    T = max(1, max(len(r) for r in responses))
+    ids: list[int] = []
+    pos: list[int] = []
+    logits_index: list[int] = []
+    dest_rows: list[int] = []
+    dest_cols: list[int] = []
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        if not p:
+            raise ValueError("packed layout needs a non-empty prompt for every sequence")
+        start = len(ids)
+        ids += p + r
+        pos += range(len(p) + len(r))
+        # Response token j sits at start + len(p) + j and is predicted by the position before it.
+        first = start + len(p) - 1
+        logits_index += range(first, first + len(r))
+        dest_rows += [row] * len(r)
+        dest_cols += range(T - len(r), T)
+    response_ids = right_align([list(map(float, r)) for r in responses], T, pad_id, torch.long)
+    response_mask = right_align([[1.0] * len(r) for r in responses], T, 0, torch.long).bool()
+    targets = response_ids[dest_rows, dest_cols] if dest_rows else torch.zeros(0, dtype=torch.long)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return PackedMicroBatch(as_long([ids]), as_long([pos]), as_long(logits_index), targets,
+                            as_long(dest_rows), as_long(dest_cols), response_ids, response_mask)
+
+
+def build_micro_batch(layout: str, prompts: list[list[int]], responses: list[list[int]],
+                      pad_id: int) -> MicroBatch | PackedMicroBatch:
+    """`layout` is "padded" or "packed"."""
+    if layout == "packed":
+        return make_packed_micro_batch(prompts, responses, pad_id)
+    if layout == "padded":
+        return make_micro_batch(prompts, responses, pad_id)
+    raise ValueError(f"unknown micro-batch layout {layout!r}: use 'packed' or 'padded'")
+
+
+def _token_logprobs(logits: Tensor, targets: Tensor, temperature: float,
+                    with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """logits [..., V], targets [...] -> log-probs [...] (and entropies [...], no gradient)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def response_logprobs(model, mb: MicroBatch | PackedMicroBatch, temperature: float = 1.0,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs [n, T] of the response tokens (and entropies [n, T], no gradient).
 
     Logits are divided by `temperature` so the learner scores the distribution the rollout
-    sampled from. Masked positions hold 0.
+    sampled from. Masked positions hold 0. Same result for both layouts.
     """
+    if isinstance(mb, PackedMicroBatch):
+        return _packed_logprobs(model, mb, temperature, with_entropy)
     T = mb.response_ids.shape[1]
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                 position_ids=mb.position_ids, logits_to_keep=T + 1, use_cache=False)
     # Logit column j predicts the token in column j + 1: the first T predict the response.
-    logits = out.logits[:, :T].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, mb.response_ids.unsqueeze(-1)).squeeze(-1)
+    logp, entropy = _token_logprobs(out.logits[:, :T], mb.response_ids, temperature, with_entropy)
     logp = logp.masked_fill(~mb.response_mask, 0.0)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1).masked_fill(~mb.response_mask, 0.0)
+    if entropy is not None:
+        entropy = entropy.masked_fill(~mb.response_mask, 0.0)
+    return logp, entropy
+
+
+def _packed_logprobs(model, mb: PackedMicroBatch, temperature: float,
+                     with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    # use_cache=False matters: with a cache object transformers skips packed-sequence
+    # detection and would let sequences attend to each other.
+    out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
+                logits_to_keep=mb.logits_index, use_cache=False)
+    flat_logp, flat_ent = _token_logprobs(out.logits[0], mb.targets, temperature, with_entropy)  # [K]
+    n, T = mb.response_mask.shape
+    index = (mb.dest_rows, mb.dest_cols)
+    # index_put (not in-place on a leaf) keeps the autograd path from [n, T] back to [K].
+    logp = flat_logp.new_zeros(n, T).index_put(index, flat_logp)
+    entropy = flat_ent.new_zeros(n, T).index_put(index, flat_ent) if flat_ent is not None else None
     return logp, entropy

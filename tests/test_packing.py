@@ -2,7 +2,14 @@
 
 import random
 
-from rl.packing import pack_micro_batches, padding_fraction, split_across_ranks
+from rl.packing import (
+    attention_pairs,
+    pack_micro_batches,
+    pack_sequences,
+    padding_fraction,
+    processed_tokens,
+    split_across_ranks,
+)
 
 
 def test_every_index_once_and_budget_respected():
@@ -50,3 +57,51 @@ def test_split_across_ranks_balances_tokens():
     # worked case: [100, 90, 80, 10, 10, 10] -> {100, 10, 10, 10} and {90, 80}, the optimum
     shards = split_across_ranks([100, 90, 80, 10, 10, 10], 2)
     assert sorted(map(sorted, shards)) == [[0, 3, 4, 5], [1, 2]]
+
+
+# --- packed layout: first-fit decreasing by real token count --------------------------------
+
+def test_pack_sequences_every_index_once_and_budget_respected():
+    rng = random.Random(3)
+    for _ in range(50):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 80))]
+        budget = rng.randint(300, 3000)
+        bins = pack_sequences(lengths, budget)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        for b in bins:
+            assert sum(lengths[i] for i in b) <= budget
+        # First fit never leaves two bins at most half full (the later one's items would
+        # have fit into the earlier one), so rows stay dense: bins <= 2 * total / budget + 1.
+        loads = [sum(lengths[i] for i in b) for b in bins]
+        assert sum(load <= budget / 2 for load in loads) <= 1
+
+
+def test_pack_sequences_worked_example():
+    # Decreasing order 60, 50, 40, 30, 20 under budget 100:
+    # 60 -> bin0 (60); 50 -> bin1 (50); 40 -> bin0 (100); 30 -> bin1 (80); 20 -> bin1 (100).
+    bins = pack_sequences([20, 40, 60, 30, 50], 100)
+    assert bins == [[2, 1], [4, 3, 0]]
+
+
+def test_pack_sequences_oversized_alone():
+    bins = pack_sequences([50, 500, 40], 100)
+    assert [1] in bins and [0, 2] in bins
+
+
+def test_packed_has_no_padding_and_less_than_padded():
+    rng = random.Random(4)
+    lengths = [rng.randint(2, 128) + 40 for _ in range(64)]  # long-tailed responses after a prompt
+    packed = pack_sequences(lengths, 2048)
+    padded = pack_micro_batches(lengths, 2048)
+    assert processed_tokens(lengths, packed, "packed") == sum(lengths)
+    assert processed_tokens(lengths, padded, "padded") > sum(lengths)
+
+
+def test_processed_tokens_and_attention_pairs_worked():
+    lengths = [4, 2, 3]
+    # padded [[0, 1], [2]]: 2 * 4 + 1 * 3 = 11 tokens; pairs 2 * 16 + 9 = 41
+    assert processed_tokens(lengths, [[0, 1], [2]], "padded") == 11
+    assert attention_pairs(lengths, [[0, 1], [2]], "padded") == 41
+    # packed [[0, 1, 2]]: 9 tokens in one row; a dense mask computes 9^2 = 81 pairs
+    assert processed_tokens(lengths, [[0, 1, 2]], "packed") == 9
+    assert attention_pairs(lengths, [[0, 1, 2]], "packed") == 81
