@@ -205,7 +205,7 @@ class TrainerConfig:
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
     sync_tolerance: float | None = None
-    """Max |log-prob difference| between learner and rollout after a sync; null: 1e-3 in float32, 0.5 in 16-bit."""
+    """Max |log-prob difference| (canary tokens) between learner and rollout after a sync, a quarter of it for the mean; null: 1e-3 in float32, 1.0 in 16-bit."""
     canary_prompt: str = "Count from one to ten:"
     """Prompt whose sampled continuation is scored by both sides to verify every weight sync."""
 
