@@ -50,7 +50,31 @@ def resolve_model_path(path: str) -> str:
     if looks_local:
         raise UserError(f"model.path = {path!r} does not exist. Give a Hugging Face model directory, "
                         f"a hub name like Qwen/Qwen3-1.7B (needs internet), or demo:{DEMO_MODEL_NAME}.")
+    _check_hub_model(path)
     return path  # a hub name: transformers/vLLM resolve it
+
+
+def _check_hub_model(name: str) -> None:
+    """A hub name must be cached locally or the hub reachable; otherwise fail in seconds.
+
+    Without this, an offline machine spends a minute in huggingface_hub's retries before the
+    same error.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        raise UserError(
+            f"model.path = {name!r} is not a local directory, is not in the Hugging Face cache, and the "
+            f"hub ({host}) cannot be reached from this machine. Download the model where there is "
+            f"internet and set model.path to its directory, or use demo:SmolLM2-135M-Instruct.") from None
 
 
 def preflight(config: Config) -> Prepared:

@@ -71,3 +71,23 @@ def test_unknown_objective(tmp_path):
 def test_missing_config_file(tmp_path):
     proc, s = run_train(["nope.yaml"], tmp_path)
     _assert_user_error(proc, s, "nope.yaml", "does not exist")
+
+
+def _hub_reachable() -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_hub_reachable(), reason="the hub is reachable: the name would really download")
+def test_hub_name_without_network_fails_fast(tmp_path):
+    proc, s = run_train(["model.path=SomeOrg/some-model-1b"], tmp_path)
+    _assert_user_error(proc, s, "SomeOrg/some-model-1b", "cannot be reached")
+    assert s < 30
