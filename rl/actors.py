@@ -16,16 +16,19 @@ ACTOR_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false",
              "RAY_DEDUP_LOGS": "1"}
 
 
-def _gpu_available() -> bool:
-    return bool(ray.cluster_resources().get("GPU", 0))
+def _actor_options(config: Config) -> dict:
+    """Resources of one rollout or learner actor.
 
-
-def _actor_options() -> dict:
-    """One GPU per worker where there are GPUs; on CPU-only machines the phases of a step run
-    one after another, so actors reserve no CPUs and all of them share the cores."""
-    if _gpu_available():
-        return {"num_gpus": 1, "num_cpus": 1}
-    return {"num_cpus": 0}
+    GPUs: one per worker when the cluster has enough; otherwise the workers share the GPUs in
+    equal fractions (rollout and learner colocated; keep rollout.gpu_memory_utilization low
+    enough to leave the learner room). CPU-only: the phases of a step run one after another,
+    so actors reserve no CPUs and share all cores.
+    """
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not gpus:
+        return {"num_cpus": 0}
+    needed = config.rollout.workers + config.learner.workers
+    return {"num_gpus": 1 if gpus >= needed else gpus / needed, "num_cpus": 1}
 
 
 @ray.remote
@@ -58,7 +61,7 @@ class RolloutGroup:
 
     def __init__(self, config: Config, model_path: str, seed: int, logits_processors=None):
         r = config.rollout
-        opts = _actor_options()
+        opts = _actor_options(config)
         max_model_len = config.data.max_prompt_tokens + r.max_new_tokens
         env = dict(ACTOR_ENV)
         if logits_processors:
@@ -102,7 +105,7 @@ class LearnerGroup:
 
     def __init__(self, config: Config, settings: LearnerSettings):
         n = config.learner.workers
-        opts = _actor_options()
+        opts = _actor_options(config)
         env = {"runtime_env": {"env_vars": ACTOR_ENV}}
         # Rendezvous of the process group: a free port on this (the driver's) node. Rank 0
         # hosts the store there, so on a multi-node cluster rank 0 must share the driver's node.
