@@ -120,13 +120,16 @@ class Trainer:
         for step in bar:
             t_step = time.perf_counter()
             # prompts -> rollout -> rewards (several generation batches under dynamic sampling)
+            bar.set_description_str(f"step {step}: rollout + reward")
             batch = self.sample_and_score()
 
+            bar.set_description_str(f"step {step}: train")
             t0 = time.perf_counter()
             shards, adv_metrics = self.make_train_batches(batch.samples, batch.rewards, batch.valid)
             train_metrics = self.learners.update(shards)
             t_train = time.perf_counter() - t0
 
+            bar.set_description_str(f"step {step}: sync")
             sync_metrics = self.sync_weights()
             if self.rollout_processor:  # HAPO: the next rollout uses this step's entropy statistics
                 self.rollout_extra_args = self.objective.rollout_sampling_args(shards[0].batch_stats)
