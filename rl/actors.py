@@ -12,8 +12,11 @@ from rollout.records import RolloutResult, SampleRequest
 from rollout.worker import RolloutWorker
 
 # Actor environment: quiet vLLM, no tokenizer thread pools fighting the model for 2 cores.
+# Weight-loading bars and library deprecation warnings from every actor would bury the
+# driver's own progress bar and per-step lines.
 ACTOR_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false",
-             "RAY_DEDUP_LOGS": "1"}
+             "RAY_DEDUP_LOGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+             "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning"}
 
 
 def _actor_options(config: Config) -> dict:
