@@ -8,10 +8,11 @@ differ: DAPO's dynamic sampling draws extra prompts). Writes to --out-dir:
 
   objectives.json   command, settings and one row per objective (plus every step's metrics)
   objectives.md     the table: reward at step 1 and at the last step, mean reward, response
-                    length, entropy, seconds per step
+                    length, entropy, seconds of step 1 (warm-up) and per later step
   reward_curves.png reward/mean per step, one line per objective
 
     python -m rl.bench objectives [--steps 6] [--objectives grpo,dapo] [--config C] [key=value ...]
+    python -m rl.bench objectives --report-only   # redo the table from the runs in --out-dir
 
 A few steps on a 135M model measure cost per step and that every objective runs; they are far
 too few to rank the objectives' learning.
@@ -35,7 +36,8 @@ COLUMNS = (  # (key in a row, header, format)
     ("reward_mean", "reward mean", "{:.3f}"),
     ("length_mean", "response length", "{:.1f}"),
     ("entropy_final", "entropy last step", "{:.3f}"),
-    ("seconds_per_step", "s/step", "{:.1f}"),
+    ("first_step_seconds", "step 1 s", "{:.1f}"),
+    ("seconds_per_step", "s/step after step 1", "{:.1f}"),
     ("gen_batches_mean", "gen. batches/step", "{:.2f}"),
 )
 
@@ -49,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
                    help="one config for all (objective.name replaced); default configs/<objective>.yaml")
     p.add_argument("--out-dir", default="outputs/bench/objectives")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: rebuild the report from <out-dir>/<objective>/metrics.jsonl")
     p.add_argument("overrides", nargs="*", help="config overrides for every run, key=value")
 
 
@@ -64,9 +68,16 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
+        if args.report_only:
+            from rl.metrics import read_metrics
+
+            rows.append(summarize(name, args.config or f"configs/{name}.yaml",
+                                  read_metrics(out / name / "metrics.jsonl"), None))
+            continue
         print(f"== {name}: {args.steps} steps", flush=True)
         rows.append(train_one(name, args.config, args.steps, out / name, list(args.overrides)))
         write_report(out, rows, args)  # after every run: a partial table survives a crash
+    write_report(out, rows, args)
     print(markdown_table(rows))
     print(f"wrote {out / 'objectives.json'}, {out / 'objectives.md'}, {out / 'reward_curves.png'}")
     return 0 if all("error" not in r for r in rows) else 1
@@ -94,20 +105,25 @@ def train_one(name: str, config: str | None, steps: int, run_dir: Path, override
     return summarize(name, path, read_metrics(run_dir / "metrics.jsonl"), wall)
 
 
-def summarize(name: str, config: str, steps: list[dict], wall_seconds: float) -> dict:
-    """Summary row from the metrics rows of one run."""
+def summarize(name: str, config: str, steps: list[dict], wall_seconds: float | None) -> dict:
+    """Summary row from the metrics rows of one run. Step 1 carries one-off warm-up costs
+    (first forward/backward, allocator growth), so seconds per step average the later steps."""
     def series(key):
         return [r[key] for r in steps if isinstance(r.get(key), (int, float))]
 
+    if not steps:
+        return {"objective": name, "config": config, "error": "no metrics (run it without --report-only)"}
+
     step_seconds = series("time/step")
+    later = step_seconds[1:] or step_seconds
     row = {
         "objective": name, "config": config, "steps": len(steps),
         "reward_first": series("reward/mean")[0], "reward_final": series("reward/mean")[-1],
         "reward_mean": statistics.fmean(series("reward/mean")),
         "length_mean": statistics.fmean(series("response_length/mean")),
         "entropy_final": series("entropy")[-1],
-        "seconds_per_step": statistics.fmean(step_seconds),
-        "startup_seconds": wall_seconds - sum(step_seconds),
+        "first_step_seconds": step_seconds[0], "seconds_per_step": statistics.fmean(later),
+        "startup_seconds": wall_seconds - sum(step_seconds) if wall_seconds is not None else None,
         "gen_batches_mean": statistics.fmean(series("dynamic_sampling/gen_batches") or [1.0]),
         "metrics": steps,
     }
@@ -126,11 +142,20 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_report(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
-    command = "python -m rl.bench objectives " + " ".join(
-        shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["objectives"] else None
-    (out / "objectives.json").write_text(json.dumps(
-        {"command": command, "steps": args.steps, "config": args.config or "configs/<objective>.yaml",
-         "overrides": list(args.overrides), "rows": rows}, indent=1))
+    path = out / "objectives.json"
+    if args.report_only and path.exists():  # keep the command of the run that trained
+        previous = json.loads(path.read_text())
+        startup = {r["objective"]: r.get("startup_seconds") for r in previous.get("rows", [])}
+        for r in rows:
+            if r.get("startup_seconds") is None and "error" not in r:
+                r["startup_seconds"] = startup.get(r["objective"])
+        path.write_text(json.dumps({**previous, "rows": rows}, indent=1))
+    else:
+        command = "python -m rl.bench objectives " + " ".join(
+            shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["objectives"] else None
+        path.write_text(json.dumps(
+            {"command": command, "steps": args.steps, "config": args.config or "configs/<objective>.yaml",
+             "overrides": list(args.overrides), "rows": rows}, indent=1))
     (out / "objectives.md").write_text(markdown_table(rows) + "\n")
     plot_rewards(rows, out / "reward_curves.png")
 
