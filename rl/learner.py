@@ -63,6 +63,11 @@ class LearnerSettings:
     micro_batch_tokens: int = 4096
     layout: str = "packed"
     """Micro-batch layout: packed (one row, no padding) | padded (left-padded rectangle)."""
+    packed_row_tokens: int = 512
+    """Packed layout: most tokens in one row (capped by micro_batch_tokens). SDPA with the
+    block-diagonal mask computes the full S x S scores, so attention per token grows with the
+    row length: on CPU a 2048-token row cost ~7x the attention of the same tokens padded
+    (docs/BENCHMARKS.md); short rows keep it near sum L_i^2."""
     temperature: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -158,7 +163,7 @@ class Learner:
     def _micro_batches(self, lengths: list[int]) -> list[list[int]]:
         """Sequence indices per micro-batch under the token budget, for the configured layout."""
         if self.s.layout == "packed":
-            return pack_sequences(lengths, self.s.micro_batch_tokens)
+            return pack_sequences(lengths, min(self.s.micro_batch_tokens, self.s.packed_row_tokens))
         return pack_micro_batches(lengths, self.s.micro_batch_tokens)
 
     def _build(self, prompts: list[list[int]], responses: list[list[int]]):

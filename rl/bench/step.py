@@ -1,0 +1,251 @@
+"""`python -m rl.bench step`: full GRPO steps, phase split, tokens/s, learner layouts.
+
+Part 1 drives the real Trainer (Ray, vLLM rollout actor, learner actor, verified weight sync)
+for --steps steps of --config (default configs/bench_step.yaml: the quickstart workload at
+8 prompts x group 8, <= 128 new tokens) and reads its metrics.jsonl. Step 1 is warm-up and
+left out of the means when there are more steps. Phases per step:
+
+  generate  rollout (vLLM)         reward  reward executor       train  advantages + update
+  sync      weight sync + canary   idle    step wall time not in any phase (driver overhead)
+
+Part 2 (skip with --no-layouts) times the learner alone, in this process, on sequences from
+one more rollout of the same run: packed vs padded micro-batches (rl/logprobs.py) and bf16
+autocast vs float32, as forward + backward seconds (`Learner.accumulate_gradients`, median of
+--layout-repeats interleaved runs) per trained token.
+
+    python -m rl.bench step [--config configs/bench_step.yaml] [--steps 3] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+PHASES = ("generate", "reward", "train", "sync", "idle")
+# Learner comparison: (autocast dtype, [(layout, packed row tokens)]). Packed rows of 256 vs the
+# whole budget in one row shows what the dense S x S attention mask costs.
+VARIANTS = (("bfloat16", [("padded", 0), ("packed", 256), ("packed", 1 << 30)]),
+            ("float32", [("padded", 0), ("packed", 256)]))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/bench_step.yaml")
+    p.add_argument("--steps", type=int, default=3, help="training steps (step 1 is warm-up)")
+    p.add_argument("--out-dir", default="outputs/bench/step")
+    p.add_argument("--no-layouts", action="store_true", help="skip the learner layout comparison")
+    p.add_argument("--layout-sequences", type=int, default=16,
+                   help="sequences per learner update in the layout comparison")
+    p.add_argument("--layout-repeats", type=int, default=2)
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
+
+
+# --- part 1: the real training loop ---------------------------------------------------------
+
+def run_training(config_path: str, steps: int, out_dir: Path, overrides: list[str],
+                 keep_rollout: bool = False) -> tuple[list[dict], list | None]:
+    """Train `steps` steps; return the metrics rows (and one more rollout's samples)."""
+    import ray
+
+    from rl.config import load_config
+    from rl.train import init_ray, preflight
+    from rl.trainer import Trainer
+
+    run_dir = out_dir / "run"
+    config = load_config(config_path, list(overrides) + [
+        f"trainer.total_steps={steps}", f"trainer.output_dir={run_dir}", "trainer.checkpoint_every=0"])
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.exists():
+        metrics_file.unlink()  # a fresh run, not appended to an old one
+    prepared = preflight(config)
+    init_ray(config)
+    trainer = Trainer(prepared)
+    samples = None
+    try:
+        trainer.fit()
+        if keep_rollout:
+            samples, _ = trainer.generate(trainer.p.prompts.next_batch())
+    finally:
+        trainer.close()
+        ray.shutdown()
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return rows, samples
+
+
+def phase_split(rows: list[dict]) -> dict:
+    """Mean over the steps after warm-up: seconds per phase, tokens/s, learner padding."""
+    kept = rows[1:] if len(rows) > 1 else rows
+    mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in kept)  # noqa: E731
+    out = {f"{p}_s": mean(f"time/{p}") for p in PHASES if p != "idle"}
+    out["step_s"] = mean("time/step")
+    out["idle_s"] = max(0.0, out["step_s"] - sum(out[f"{p}_s"] for p in PHASES if p != "idle"))
+    completion = mean("tokens/generated")
+    out.update({
+        "steps_measured": len(kept),
+        "completion_tokens": completion,
+        "trained_tokens": mean("train/tokens"),
+        "generated_tok_per_s": completion / max(out["generate_s"], 1e-9),
+        "trained_tok_per_s": mean("train/tokens") / max(out["train_s"], 1e-9),
+        "trained_completion_tok_per_s_train": completion / max(out["train_s"], 1e-9),
+        "completion_tok_per_step_s": completion / max(out["step_s"], 1e-9),
+        "padding_fraction": mean("train/padding_fraction"),
+        "micro_batches": mean("train/micro_batches"),
+        "sync_gb_per_s": mean("sync/gb_per_s"),
+        "sync_max_logprob_diff": max(r.get("sync/max_logprob_diff", 0.0) for r in kept),
+        "reward_mean": mean("reward/mean"),
+        "response_length_mean": mean("response_length/mean"),
+    })
+    return out
+
+
+# --- part 2: the learner alone, packed vs padded, bf16 vs fp32 -------------------------------
+
+def layout_comparison(config_path: str, overrides: list[str], samples: list, num_sequences: int,
+                      repeats: int) -> list[dict]:
+    """Seconds per `Learner.update` on the same sequences for every layout x precision."""
+    import torch
+
+    from rl.config import load_config
+    from rl.learner import Learner, LearnerSettings, TrainBatch
+    from rl.packing import attention_pairs, pack_micro_batches, pack_sequences, padding_fraction, processed_tokens
+    from rl.train import resolve_model_path
+
+    config = load_config(config_path, overrides)
+    rng = random.Random(0)
+    picked = [s for s in samples if s.response_ids]
+    rng.shuffle(picked)
+    picked = picked[:num_sequences]
+    n_tok = float(sum(len(s.response_ids) for s in picked))
+    gen = torch.Generator().manual_seed(0)
+    batch = TrainBatch(
+        prompt_ids=[s.prompt_ids for s in picked], response_ids=[s.response_ids for s in picked],
+        advantages=[torch.randn(len(s.response_ids), generator=gen).tolist() for s in picked],
+        rollout_logprobs=[s.logprobs for s in picked], num_tokens=n_tok, num_seqs=float(len(picked)),
+        max_len=float(config.rollout.max_new_tokens))
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in picked]
+    budget = config.learner.micro_batch_tokens
+    results = []
+    for dtype, variants in VARIANTS:
+        learner = Learner(LearnerSettings(model_path=resolve_model_path(config.model.path), dtype=dtype,
+                                          micro_batch_tokens=budget, lr=1e-9, seed=0))
+        times: dict[tuple, list[float]] = {v: [] for v in variants}
+        learner.s.layout = "padded"
+        learner.accumulate_gradients(batch)  # warm-up: allocator, oneDNN primitives
+        for _ in range(repeats):
+            for layout, row in variants:  # interleaved, so background load drifts hit all alike
+                learner.s.layout, learner.s.packed_row_tokens = layout, row
+                learner.optimizer.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                learner.accumulate_gradients(batch)  # forward + backward: what the layout changes
+                times[(layout, row)].append(time.perf_counter() - t0)
+        for layout, row in variants:
+            groups = (pack_sequences(lengths, min(row, budget)) if layout == "packed"
+                      else pack_micro_batches(lengths, budget))
+            processed = processed_tokens(lengths, groups, layout)
+            seconds = statistics.median(times[(layout, row)])
+            label = "padded" if layout == "padded" else ("packed/one-row" if row >= budget else f"packed/{row}")
+            results.append({"layout": label, "row_tokens": min(row, budget) if layout == "packed" else None,
+                            "dtype": dtype, "seconds": seconds, "seconds_all": times[(layout, row)],
+                            "micro_batches": len(groups), "tokens": sum(lengths), "processed_tokens": processed,
+                            "padding_fraction": 1 - sum(lengths) / processed,
+                            "padding_fraction_greedy_before": padding_fraction(lengths, _greedy_padded(lengths, budget)),
+                            "attention_pairs": attention_pairs(lengths, groups, layout),
+                            "trained_tok_per_s": sum(lengths) / seconds})
+        del learner
+    return results
+
+
+def _greedy_padded(lengths: list[int], budget: int) -> list[list[int]]:
+    """The padded packer before the DP one (fill each micro-batch to the budget, sorted), for
+    the "padding before" number."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > budget:
+            groups.append(current)
+            current = []
+        current.append(i)
+    return groups + ([current] if current else [])
+
+
+# --- output ---------------------------------------------------------------------------------
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def plot(split: dict, layouts: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if layouts else 1, figsize=(10 if layouts else 5, 4), squeeze=False)
+    ax = axes[0][0]
+    bottom = 0.0
+    for phase in PHASES:
+        v = split[f"{phase}_s"]
+        ax.bar(["GRPO step"], [v], bottom=bottom, label=f"{phase} {v:.1f}s")
+        bottom += v
+    ax.set_ylabel("seconds")
+    ax.set_title(f"phase split ({split['completion_tokens']:.0f} completion tokens/step)")
+    ax.legend(fontsize=8)
+    if layouts:
+        ax = axes[0][1]
+        labels = [f"{r['layout']}\n{r['dtype']}" for r in layouts]
+        ax.bar(labels, [r["trained_tok_per_s"] for r in layouts], color=[f"C{i}" for i in range(len(layouts))])
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_ylabel("trained tokens / s (Learner.update)")
+        ax.set_title("learner: micro-batch layout and precision")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report_split(split: dict) -> None:
+    print_table([split], [f"{p}_s" for p in PHASES] + ["step_s", "generated_tok_per_s", "trained_tok_per_s",
+                                                        "completion_tok_per_step_s", "padding_fraction"])
+
+
+def report_layouts(layouts: list[dict]) -> dict:
+    print_table(layouts, ["layout", "dtype", "seconds", "micro_batches", "tokens", "processed_tokens",
+                          "padding_fraction", "attention_pairs", "trained_tok_per_s"])
+    by = {(r["layout"], r["dtype"]): r["trained_tok_per_s"] for r in layouts}
+    ratios = {"packed256_over_padded_bf16": by[("packed/256", "bfloat16")] / by[("padded", "bfloat16")],
+              "packed256_over_padded_fp32": by[("packed/256", "float32")] / by[("padded", "float32")],
+              "bf16_over_fp32_padded": by[("padded", "bfloat16")] / by[("padded", "float32")],
+              "bf16_over_fp32_packed256": by[("packed/256", "bfloat16")] / by[("packed/256", "float32")],
+              "padding_before_greedy": layouts[0]["padding_fraction_greedy_before"],
+              "padding_padded_dp": layouts[0]["padding_fraction"]}
+    one_row = [r for r in layouts if r["dtype"] == "bfloat16" and r["layout"] == "packed/one-row"]
+    if one_row:
+        ratios["packed_one_row_over_padded_bf16"] = one_row[0]["trained_tok_per_s"] / by[("padded", "bfloat16")]
+    print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    return ratios
+
+
+def run(args) -> int:
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, samples = run_training(args.config, args.steps, out, args.overrides, keep_rollout=not args.no_layouts)
+    split = phase_split(rows)
+    report_split(split)
+    layouts, ratios = [], {}
+    if not args.no_layouts:
+        layouts = layout_comparison(args.config, args.overrides, samples, args.layout_sequences,
+                                    args.layout_repeats)
+        ratios = report_layouts(layouts)
+    (out / "step.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
+                                               "split": split, "layouts": layouts, "ratios": ratios,
+                                               "steps": rows}, indent=2))
+    plot(split, layouts, out / "step.png")
+    print(f"wrote {out / 'step.json'} and {out / 'step.png'}")
+    return 0

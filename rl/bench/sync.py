@@ -1,0 +1,231 @@
+"""`python -m rl.bench sync`: weight sync seconds and GB/s per model size, next to memcpy.
+
+For every model (tiny random Qwen2 models of growing size built offline, then
+SmolLM2-135M-Instruct) a learner actor and a vLLM rollout actor start on this node, as in
+training. Each repeat perturbs the learner's weights, syncs them and verifies the sync on a
+canary prompt (the check training runs after every sync), timing:
+
+  export   learner: fp32 -> bf16 cast into the flat buffer, written to Ray's object store
+  load     rollout worker: zero-copy views of the buffer + vLLM `reload_weights`
+           (+ tied lm_head repack) + prefix-cache reset
+  total    driver wall time of export + load = `sync/seconds` in training; GB/s = bytes / total
+  receive  the same object moved to the worker without loading it (transport alone)
+
+next to the old path (a dict of torch tensors pickled through the store, same reload) and the
+machine's memcpy bandwidth measured in the same run (best of 5 `dst.copy_(src)` of
+--memcpy-mb MiB), the physical bound of any same-node transport.
+
+GPU: not measured here; there vLLM's NCCL weight transfer is the path (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_SIZES = "256x2,512x4,1024x8"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", default=DEFAULT_SIZES,
+                   help=f"tiny models as HIDDENxLAYERS, comma-separated (default {DEFAULT_SIZES}; '' for none)")
+    p.add_argument("--no-demo", action="store_true", help="skip SmolLM2-135M-Instruct")
+    p.add_argument("--repeats", type=int, default=3, help="syncs per model (each verified)")
+    p.add_argument("--no-legacy", action="store_true", help="skip the old dict-of-tensors path")
+    p.add_argument("--memcpy-mb", type=int, default=512, help="MiB copied to measure memcpy bandwidth")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--out-dir", default="outputs/bench/sync")
+
+
+def memcpy_gbps(nbytes: int, repeats: int = 5) -> float:
+    """Best-of-`repeats` bandwidth of one large tensor copy (bytes copied / second, 1e9)."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault in the pages before timing
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def _actor_classes():
+    import ray
+    import torch
+
+    from rl.learner import Learner
+    from rollout.weights import as_named_tensors
+    from rollout.worker import RolloutWorker
+
+    @ray.remote
+    class BenchLearner(Learner):
+        def perturb(self, scale: float, seed: int) -> None:
+            """New weights for every sync, so the canary check can tell old from new."""
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in self.params:
+                    p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean())
+
+    @ray.remote
+    class BenchRollout(RolloutWorker):
+        def ready(self) -> bool:
+            return True
+
+        def receive(self, weights) -> int:
+            named = as_named_tensors(weights)
+            return sum(t.numel() * t.element_size() for t in named.values())
+
+    return BenchLearner, BenchRollout
+
+
+def _canary_diff(learner, worker, canary_ids: list[int]) -> float:
+    import ray
+
+    tokens, rollout_lp = ray.get(worker.canary.remote(canary_ids))
+    learner_lp = ray.get(learner.score.remote(canary_ids, tokens))
+    return max(abs(a - b) for a, b in zip(rollout_lp, learner_lp))
+
+
+def bench_model(name: str, path: str, args, classes) -> dict:
+    import ray
+    from transformers import AutoTokenizer
+
+    from rl.actors import ACTOR_ENV, _actor_options
+    from rl.learner import LearnerSettings
+
+    BenchLearner, BenchRollout = classes
+    opts = {**_actor_options(), "runtime_env": {"env_vars": ACTOR_ENV}}
+    learner = BenchLearner.options(**opts).remote(LearnerSettings(model_path=path, dtype=args.dtype))
+    worker = BenchRollout.options(**opts).remote(path, dtype=args.dtype, max_model_len=256,
+                                                 gpu_memory_utilization=0.05)
+    ray.get(worker.ready.remote())
+    canary_ids = AutoTokenizer.from_pretrained(path)("Count from one to ten:")["input_ids"]
+    tolerance = 1e-3 if args.dtype == "float32" else 0.5  # trainer.sync_tolerance defaults
+    rows = []
+    try:
+        paths = [("flat", "export_flat_weights")] + ([] if args.no_legacy else [("legacy", "export_weights")])
+        for rep in range(args.repeats):
+            for transport, method in paths:
+                ray.get(learner.perturb.remote(0.05, rep))
+                before = _canary_diff(learner, worker, canary_ids)
+                t0 = time.perf_counter()
+                ref = getattr(learner, method).remote()
+                ray.wait([ref], fetch_local=False)
+                export = time.perf_counter() - t0
+                load = ray.get(worker.load_weights.remote(ref))
+                total = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                ray.get(worker.receive.remote(ref))
+                receive = time.perf_counter() - t1
+                after = _canary_diff(learner, worker, canary_ids)
+                if after > tolerance:
+                    raise RuntimeError(f"{name}/{transport}: sync check failed, canary max diff {after:.3g}")
+                rows.append({"transport": transport, "repeat": rep, "bytes": load["bytes"],
+                             "export_s": export, "load_s": load["seconds"], "total_s": total,
+                             "receive_s": receive, "canary_diff_before": before, "canary_diff_after": after})
+                del ref
+    finally:
+        ray.kill(worker)
+        ray.kill(learner)
+    return {"model": name, "rows": rows}
+
+
+def summarize(result: dict, memcpy: float) -> list[dict]:
+    """Median over repeats per transport (the first repeat includes one-off allocations)."""
+    out = []
+    for transport in ("flat", "legacy"):
+        rows = [r for r in result["rows"] if r["transport"] == transport]
+        if not rows:
+            continue
+        med = {k: statistics.median(r[k] for r in rows)
+               for k in ("export_s", "load_s", "total_s", "receive_s", "canary_diff_after")}
+        nbytes = rows[0]["bytes"]
+        gbps = nbytes / med["total_s"] / 1e9
+        out.append({"model": result["model"], "transport": transport, "MB": nbytes / 1e6, **med,
+                    "GB/s": gbps, "transport GB/s": nbytes / med["receive_s"] / 1e9,
+                    "% memcpy": 100 * gbps / memcpy,
+                    "canary_diff_before": max(r["canary_diff_before"] for r in rows)})
+    return out
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def plot(summary: list[dict], memcpy: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for transport, marker in (("flat", "o"), ("legacy", "s")):
+        rows = [r for r in summary if r["transport"] == transport]
+        if rows:
+            ax.plot([r["MB"] for r in rows], [r["GB/s"] for r in rows], marker=marker,
+                    label=f"{transport}: export + vLLM reload")
+    flat = [r for r in summary if r["transport"] == "flat"]
+    if flat:
+        ax.plot([r["MB"] for r in flat], [r["transport GB/s"] for r in flat], marker="^", ls=":",
+                label="flat: object-store transport alone")
+    ax.axhline(memcpy, color="k", ls="--", label=f"memcpy {memcpy:.1f} GB/s")
+    ax.axhline(memcpy / 2, color="gray", ls=":", label="50% of memcpy (target)")
+    ax.set_xscale("log")
+    ax.set_xlabel("weights synced (MB)")
+    ax.set_ylabel("GB/s")
+    ax.set_title("Weight sync learner -> vLLM worker (CPU, same node)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    import ray
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    memcpy = memcpy_gbps(args.memcpy_mb << 20)
+    print(f"memcpy: {memcpy:.2f} GB/s ({args.memcpy_mb} MiB tensor copy_, best of 5)")
+    models: list[tuple[str, str]] = []
+    tmp = tempfile.TemporaryDirectory(prefix="bench_sync_")
+    from rl.tiny_model import build_tiny_model
+    for spec in filter(None, args.sizes.split(",")):
+        hidden, layers = (int(x) for x in spec.lower().split("x"))
+        path = build_tiny_model(Path(tmp.name) / spec, hidden_size=hidden, num_layers=layers)
+        models.append((f"tiny-{spec}", str(path)))
+    if not args.no_demo:
+        from rl.demo_model import prepare_demo_model
+        models.append(("SmolLM2-135M", str(prepare_demo_model())))
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    classes = _actor_classes()
+    results, summary = [], []
+    try:
+        for name, path in models:
+            print(f"[sync] {name} ...", flush=True)
+            res = bench_model(name, path, args, classes)
+            results.append(res)
+            summary += summarize(res, memcpy)
+    finally:
+        tmp.cleanup()
+    columns = ["model", "transport", "MB", "export_s", "load_s", "total_s", "GB/s", "% memcpy",
+               "transport GB/s", "canary_diff_before", "canary_diff_after"]
+    print_table(summary, columns)
+    (out / "sync.json").write_text(json.dumps(
+        {"memcpy_gbps": memcpy, "dtype": args.dtype, "summary": summary, "runs": results}, indent=2))
+    plot(summary, memcpy, out / "sync.png")
+    print(f"wrote {out / 'sync.json'} and {out / 'sync.png'}")
+    return 0
