@@ -73,8 +73,10 @@ class DataConfig:
 
 @dataclass
 class SchedulerConfig:
-    policy: str = "full_group"
-    """Admission policy: full_group | naive_micro | continuous | length_aware (see scheduling/)."""
+    policy: str = "length_aware"
+    """Admission policy: full_group | naive_micro | continuous | length_aware (see scheduling/).
+    length_aware packs by predicted length under the KV budget; its learned predictor lives in
+    the rollout worker and keeps learning across steps."""
     micro_group_size: int | None = None
     """Samples per micro sampling group (naive_micro rounds); null = group_size."""
     kv_budget_tokens: int | None = None

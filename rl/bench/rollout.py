@@ -30,7 +30,7 @@ from scheduling import Trace, load_trace, make_predictor, save_trace, synthetic_
 from scheduling.bench import format_table, simulate_policies, time_fptas, warm_predictor
 
 POLICIES = ("full_group", "naive_micro", "continuous", "length_aware")
-PROMPTS_FILE = Path(__file__).resolve().parents[2] / "configs" / "bench_rollout_prompts.yaml"
+PROMPTS_FILE = Path(__file__).resolve().parents[2] / "configs" / "traces" / "mixed_prompts.yaml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo:SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--prompt-set", choices=["mixed", "arithmetic"], default="mixed",
-                   help="mixed: configs/bench_rollout_prompts.yaml alternating with arithmetic")
+                   help="mixed: configs/traces/mixed_prompts.yaml alternating with arithmetic")
     p.add_argument("--prompt-offset", type=int, default=0, help="first prompt of the slice")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--block-size", type=int, default=32, help="vLLM KV block size (CPU: x32)")
@@ -71,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="vLLM max_num_seqs")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--record-trace", help="write the first policy's lengths here (real mode)")
     p.add_argument("--json", help="write the rows and settings here")
     p.add_argument("--plot", help="PNG path (default: --json with .png)")
@@ -170,7 +171,7 @@ def real(args) -> dict:
         engine_kw["num_gpu_blocks_override"] = math.ceil(args.engine_kv_tokens / args.block_size) + 1
     worker = RolloutWorker(model, dtype=args.dtype, max_model_len=longest + T,
                            gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
-                           engine_kwargs=engine_kw)
+                           num_threads=args.threads, engine_kwargs=engine_kw)
     worker.record_timeline = True
     requests = [SampleRequest(i, p) for i, p in enumerate(prompts)]
     sampling = dict(group_size=G, max_new_tokens=T, temperature=args.temperature)
@@ -227,6 +228,7 @@ def real_row(policy: str, predictor: str, st, budget: int) -> dict:
         "preemptions": st.preemptions, "overhead_s": st.scheduler_seconds,
         "overhead_frac": st.scheduler_seconds / max(st.seconds, 1e-9),
         "kv_over_budget_steps": sum(1 for t in x["timeline"] if t[1] > budget),
+        "engine_over_budget_steps": sum(1 for t in x["timeline"] if t[2] > budget),
         "timeline": x["timeline"],
     }
 
@@ -241,7 +243,8 @@ def format_rows(rows: list[dict], mode: str) -> str:
             ("steps_over_bound", "{:.2f}"), ("peak_kv_tokens", "{}"),
             ("engine_peak_kv_tokens", "{}"), ("kv_budget_tokens", "{}"), ("slots", "{}"),
             ("peak_concurrency", "{}"), ("tokens_per_s", "{:.0f}"), ("wall_s", "{:.1f}"),
-            ("preemptions", "{}"), ("overhead_s", "{:.3f}"), ("overhead_frac", "{:.2%}")]
+            ("engine_over_budget_steps", "{}"), ("preemptions", "{}"), ("overhead_s", "{:.3f}"),
+            ("overhead_frac", "{:.2%}")]
     cells = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
