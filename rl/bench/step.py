@@ -61,6 +61,7 @@ def run_training(config_path: str, steps: int, out_dir: Path, overrides: list[st
     if metrics_file.exists():
         metrics_file.unlink()  # a fresh run, not appended to an old one
     prepared = preflight(config)
+    _workers_not_niced()
     init_ray(config)
     trainer = Trainer(prepared)
     samples = None
@@ -73,6 +74,15 @@ def run_training(config_path: str, steps: int, out_dir: Path, overrides: list[st
         ray.shutdown()
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     return rows, samples
+
+
+def _workers_not_niced() -> None:
+    """Ray starts its worker processes at nice 15. On a machine shared with other jobs that
+    starves the actors (rollout, learner) against everything at nice 0, including TRL, which
+    runs in the driver: benchmarks start Ray with workers at nice 0."""
+    import os
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def phase_split(rows: list[dict]) -> dict:

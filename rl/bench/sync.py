@@ -210,6 +210,8 @@ def run(args) -> int:
         from rl.demo_model import prepare_demo_model
         models.append(("SmolLM2-135M", str(prepare_demo_model())))
     if not ray.is_initialized():
+        from rl.bench.step import _workers_not_niced
+        _workers_not_niced()
         ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     classes = _actor_classes()
     results, summary = [], []
