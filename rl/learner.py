@@ -63,7 +63,7 @@ class LearnerSettings:
     micro_batch_tokens: int = 4096
     layout: str = "packed"
     """Micro-batch layout: packed (one row, no padding) | padded (left-padded rectangle)."""
-    packed_row_tokens: int = 512
+    packed_row_tokens: int = 256
     """Packed layout: most tokens in one row (capped by micro_batch_tokens). SDPA with the
     block-diagonal mask computes the full S x S scores, so attention per token grows with the
     row length: on CPU a 2048-token row cost ~7x the attention of the same tokens padded

@@ -110,7 +110,7 @@ def _toy_overrides(model_dir: str) -> list[str]:
 @pytest.mark.slow
 def test_sync_bench_toy(tmp_path):
     out = tmp_path / "sync"
-    assert bench.main(["sync", "--sizes", "64x2", "--no-demo", "--repeats", "1", "--memcpy-mb", "16",
+    assert bench.main(["sync", "--sizes", "64x2", "--no-demo", "--repeats", "1", "--memcpy-mb", "16", "--gpu-memory-utilization", "0.05",
                        "--out-dir", str(out)]) == 0
     result = json.loads((out / "sync.json").read_text())
     assert result["memcpy_gbps"] > 0 and (out / "sync.png").exists()

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-legacy", action="store_true", help="skip the old dict-of-tensors path")
     p.add_argument("--memcpy-mb", type=int, default=512, help="MiB copied to measure memcpy bandwidth")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.1,
+                   help="vLLM memory share (CPU: of RAM); weights + activations + a small KV cache")
     p.add_argument("--out-dir", default="outputs/bench/sync")
 
 
@@ -98,13 +100,14 @@ def bench_model(name: str, path: str, args, classes) -> dict:
     from transformers import AutoTokenizer
 
     from rl.actors import ACTOR_ENV, _actor_options
+    from rl.config import Config
     from rl.learner import LearnerSettings
 
     BenchLearner, BenchRollout = classes
-    opts = {**_actor_options(), "runtime_env": {"env_vars": ACTOR_ENV}}
+    opts = {**_actor_options(Config()), "runtime_env": {"env_vars": ACTOR_ENV}}  # one learner, one worker
     learner = BenchLearner.options(**opts).remote(LearnerSettings(model_path=path, dtype=args.dtype))
     worker = BenchRollout.options(**opts).remote(path, dtype=args.dtype, max_model_len=256,
-                                                 gpu_memory_utilization=0.05)
+                                                 gpu_memory_utilization=args.gpu_memory_utilization)
     ray.get(worker.ready.remote())
     canary_ids = AutoTokenizer.from_pretrained(path)("Count from one to ten:")["input_ids"]
     tolerance = 1e-3 if args.dtype == "float32" else 0.5  # trainer.sync_tolerance defaults
@@ -125,8 +128,8 @@ def bench_model(name: str, path: str, args, classes) -> dict:
                 ray.get(worker.receive.remote(ref))
                 receive = time.perf_counter() - t1
                 after = _canary_diff(learner, worker, canary_ids)
-                if after > tolerance:
-                    raise RuntimeError(f"{name}/{transport}: sync check failed, canary max diff {after:.3g}")
+                if after > tolerance:  # recorded, not raised: the table shows it next to the other path
+                    print(f"  {name}/{transport}: canary max |diff| {after:.3g} > tolerance {tolerance}", flush=True)
                 rows.append({"transport": transport, "repeat": rep, "bytes": load["bytes"],
                              "export_s": export, "load_s": load["seconds"], "total_s": total,
                              "receive_s": receive, "canary_diff_before": before, "canary_diff_after": after})
@@ -218,7 +221,12 @@ def run(args) -> int:
     try:
         for name, path in models:
             print(f"[sync] {name} ...", flush=True)
-            res = bench_model(name, path, args, classes)
+            try:
+                res = bench_model(name, path, args, classes)
+            except Exception as e:  # e.g. vLLM refusing to start for lack of RAM: keep the others
+                print(f"[sync] {name} failed: {type(e).__name__}: {str(e).splitlines()[-1][:300]}", flush=True)
+                results.append({"model": name, "error": f"{type(e).__name__}: {e}"[:2000], "rows": []})
+                continue
             results.append(res)
             summary += summarize(res, memcpy)
     finally:
