@@ -31,6 +31,7 @@ from pathlib import Path
 
 COLUMNS = (  # (key in a row, header, format)
     ("objective", "objective", "{}"),
+    ("steps", "steps", "{}"),
     ("reward_first", "reward step 1", "{:.3f}"),
     ("reward_final", "reward last step", "{:.3f}"),
     ("reward_mean", "reward mean", "{:.3f}"),
