@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Ray starts workers at nice 15, which starves the actors on a shared machine (see
+    # rl/bench/step.py); benchmarks run them at nice 0.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     rows = []
     for name in names:
         if args.report_only:
