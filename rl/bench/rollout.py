@@ -195,6 +195,9 @@ def real(args) -> dict:
             result = worker.generate(requests, **sampling)
             rows.append(real_row(name, pred, result.stats, budget))
             print(f"{name} ({pred}): {result.stats.seconds:.1f} s", flush=True)
+            if args.json:  # partial results survive an interrupted run
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps({"mode": "partial", "rows": rows}))
             first = first or result
     if args.record_trace:
         items = [(s.group_id, len(s.prompt_ids), max(1, len(s.response_ids))) for s in first.samples]
