@@ -63,8 +63,9 @@ class Trainer:
         else:
             random.seed(c.trainer.seed)
         self.logger = MetricsLogger(self.out)
-        if resume:
-            self.logger.truncate_after(self.start_step)
+        # A fresh run in an old output_dir starts a fresh metrics.jsonl; a resumed one drops
+        # the rows logged after its checkpoint. Either way each step appears once.
+        self.logger.truncate_after(self.start_step)
 
         full_ft_resume = resume if (resume and c.model.lora.rank == 0) else None
         settings = LearnerSettings(
