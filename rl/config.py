@@ -186,10 +186,16 @@ class LearnerConfig:
     """Max global gradient norm (0 disables clipping)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    layout: str = "padded"
+    """Micro-batch layout: padded (length-sorted rectangles, DP-grouped; measured 1.24x faster on
+    SmolLM2 CPU than packed) | packed (one row per micro-batch, no padding, block-diagonal mask)."""
+    packed_row_tokens: int = 256
+    """Longest packed row (packed layout): CPU attention computes the full S x S scores."""
 
     def __post_init__(self):
         _positive("learner.workers", self.workers)
         _positive("learner.micro_batch_tokens", self.micro_batch_tokens)
+        _choice("learner.layout", self.layout, ("padded", "packed"))
         if self.lr <= 0:
             raise ConfigError(f"learner.lr = {self.lr} must be > 0.")
 

@@ -2,7 +2,8 @@
 
 Float32 master weights; forward/backward under bf16 autocast when `model.dtype` is 16-bit
 (bf16 matmuls, fp32 accumulation and optimizer state). Micro-batches are packed rows without
-padding by default (`layout`, see rl/logprobs.py); the padded layout stays selectable.
+padding or length-sorted padded rectangles (`layout`, see rl/logprobs.py; padded is the default
+because it measured faster on CPU, where attention over a packed row's dense mask costs more).
 Several learners form a data-parallel group (gloo on CPU, nccl on GPU): each takes a share of
 the sequences, losses are normalized by the GLOBAL token/sequence counts, and gradients are
 summed with all_reduce, so the update does not depend on how the batch was split.
@@ -61,8 +62,9 @@ class LearnerSettings:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     micro_batch_tokens: int = 4096
-    layout: str = "packed"
-    """Micro-batch layout: packed (one row, no padding) | padded (left-padded rectangle)."""
+    layout: str = "padded"
+    """Micro-batch layout: padded (left-padded rectangle) | packed (one row, no padding).
+    Padded is the default: 18.3 s vs 22.7 s per SmolLM2 update of 64 sequences on the CPU."""
     packed_row_tokens: int = 256
     """Packed layout: most tokens in one row (capped by micro_batch_tokens). SDPA with the
     block-diagonal mask computes the full S x S scores, so attention per token grows with the

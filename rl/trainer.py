@@ -76,6 +76,7 @@ class Trainer:
             warmup_steps=c.learner.warmup_steps, grad_clip=c.learner.grad_clip,
             micro_batch_tokens=c.learner.micro_batch_tokens, temperature=c.rollout.temperature,
             gradient_checkpointing=c.learner.gradient_checkpointing, seed=c.trainer.seed,
+            layout=c.learner.layout, packed_row_tokens=c.learner.packed_row_tokens,
             init_weights_path=full_ft_resume)
         # Rollout engines are re-seeded on resume so a continued run does not replay samples.
         rollout_seed = c.trainer.seed + 7919 * self.start_step
