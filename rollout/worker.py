@@ -188,6 +188,20 @@ class RolloutWorker:
 
         return self.engine.collective_rpc(pop_processor_metrics)[0]
 
+    def shutdown(self) -> None:
+        """Stop the engine core and free its KV cache now, not whenever the GC gets to it.
+
+        vLLM-CPU sizes a new engine's KV cache from the memory this process already uses, so a
+        second engine in the same process (tests, benchmarks) needs the first one's memory back.
+        """
+        import gc
+
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.engine_core.shutdown()
+            self.engine = None
+            gc.collect()
+
     def info(self) -> dict:
         return {"cache_tokens": self.cache_tokens, "kv_budget_tokens": self.kv_budget_tokens,
                 "slots": self.slots, "policy": self.policy.name,

@@ -42,14 +42,16 @@ def pair(request, tiny_model_dir, tiny_untied_model_dir):
     from rollout.worker import RolloutWorker
 
     path = tiny_untied_model_dir if request.param == "untied" else tiny_model_dir
-    worker = RolloutWorker(path, dtype="float32", max_model_len=256, gpu_memory_utilization=0.05, seed=0)
+    # In-process engines: vLLM-CPU counts this process's earlier allocations (other fixtures'
+    # engines and learners) against the share, so leave headroom.
+    worker = RolloutWorker(path, dtype="float32", max_model_len=256, gpu_memory_utilization=0.15, seed=0)
     # LoRA: the adapters are merged into the exported weights; lr high enough that one step shows.
     lora = dict(lora_rank=4, lora_alpha=8.0, lora_target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]) \
         if request.param == "lora" else {}
     learner = Learner(LearnerSettings(model_path=path, dtype="float32", lr=5e-2 if lora else 5e-3,
                                       micro_batch_tokens=256, **lora))
     yield request.param, learner, worker
-    del worker
+    worker.shutdown()
 
 
 def test_logprobs_match_before_and_after_an_update(pair):
