@@ -25,6 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
+from rl.bench.table import print_table
+
 PHASES = ("generate", "reward", "train", "sync", "idle")
 # Learner comparison: (autocast dtype, [(layout, packed row tokens)]). Packed rows of 256 vs the
 # whole budget in one row shows what the dense S x S attention mask costs.
@@ -182,16 +184,6 @@ def _greedy_padded(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 # --- output ---------------------------------------------------------------------------------
-
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
 
 def plot(split: dict, layouts: list[dict], path: Path) -> None:
     import matplotlib

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rl.bench.table import print_table
+
 DEFAULT_SIZES = "256x2,512x4,1024x8"
 
 
@@ -156,16 +158,6 @@ def summarize(result: dict, memcpy: float) -> list[dict]:
                     "% memcpy": 100 * gbps / memcpy,
                     "canary_diff_before": max(r["canary_diff_before"] for r in rows)})
     return out
-
-
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
 def plot(summary: list[dict], memcpy: float, path: Path) -> None:

@@ -155,7 +155,8 @@ def plot(ours: dict | None, theirs: dict, path: Path) -> None:
 
 
 def run(args) -> int:
-    from rl.bench.step import phase_split, print_table, run_training
+    from rl.bench.step import phase_split, run_training
+    from rl.bench.table import print_table
 
     if not trl_available():
         print(f"trl is not installed. Install it with: {INSTALL}")
