@@ -28,15 +28,8 @@ import torch
 from torch import Tensor
 
 
-@dataclass
-class MicroBatch:
-    """Padded layout."""
-
-    input_ids: Tensor       # [n, L] long, left-padded
-    attention_mask: Tensor  # [n, L] long
-    position_ids: Tensor    # [n, L] long, 0 at each row's first real token
-    response_ids: Tensor    # [n, T] long, right-aligned, pad where mask is false
-    response_mask: Tensor   # [n, T] bool
+class _TokenCounts:
+    """Counts shared by both layouts (they hold `input_ids` and `response_mask`)."""
 
     @property
     def num_response_tokens(self) -> int:
@@ -48,7 +41,18 @@ class MicroBatch:
 
 
 @dataclass
-class PackedMicroBatch:
+class MicroBatch(_TokenCounts):
+    """Padded layout."""
+
+    input_ids: Tensor       # [n, L] long, left-padded
+    attention_mask: Tensor  # [n, L] long
+    position_ids: Tensor    # [n, L] long, 0 at each row's first real token
+    response_ids: Tensor    # [n, T] long, right-aligned, pad where mask is false
+    response_mask: Tensor   # [n, T] bool
+
+
+@dataclass
+class PackedMicroBatch(_TokenCounts):
     """Packed layout: one row, no padding."""
 
     input_ids: Tensor      # [1, S] long, sequences back to back
@@ -61,14 +65,6 @@ class PackedMicroBatch:
     response_mask: Tensor  # [n, T] bool
 
     attention_mask = None  # the block-diagonal mask comes from position_ids
-
-    @property
-    def num_response_tokens(self) -> int:
-        return int(self.response_mask.sum())
-
-    @property
-    def num_processed_tokens(self) -> int:
-        return self.input_ids.numel()
 
 
 def right_align(rows: list[list[float]], width: int, fill: float = 0.0,
