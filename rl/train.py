@@ -8,12 +8,10 @@ update -> weight sync (verified) -> metrics / checkpoint.
 from __future__ import annotations
 
 import os
-import random
 import sys
-import time
 from dataclasses import dataclass
 
-from rl.config import Config, config_to_dict, load_config
+from rl.config import Config, load_config
 from rl.errors import UserError
 
 
@@ -39,8 +37,8 @@ def resolve_model_path(path: str) -> str:
             return str(prepare_demo_model())
         except FileNotFoundError as e:
             raise UserError(str(e)) from None
-    looks_local = path.startswith((".", "/", "~")) or os.path.sep in path.strip("/").split("/", 2)[-1] \
-        or path.count("/") != 1
+    # Hub names are exactly `org/name`; anything else is meant as a local path.
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         if not os.path.exists(os.path.join(expanded, "config.json")):
