@@ -186,16 +186,29 @@ class LearnerConfig:
     """Max global gradient norm (0 disables clipping)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
-    layout: str = "padded"
-    """Micro-batch layout: padded (length-sorted rectangles, DP-grouped; measured 1.24x faster on
-    SmolLM2 CPU than packed) | packed (one row per micro-batch, no padding, block-diagonal mask)."""
+    layout: str = "auto"
+    """Micro-batch layout: auto (shared_prompt; padded when gradient_checkpointing is on) |
+    shared_prompt (each distinct prompt runs once and its KV cache serves its group's samples:
+    15.2 s vs padded 18.0 s per SmolLM2 update of 64 GRPO sequences on CPU; needs the KV cache,
+    so not with gradient checkpointing) | padded (length-sorted rectangles, DP-grouped) |
+    packed (one row per micro-batch, no padding, block-diagonal mask; slower than padded with
+    CPU attention kernels, for flash_attention_2 on GPU)."""
+    attn_implementation: str = "auto"
+    """transformers attention kernel of the learner: auto (eager on CPU, ~15% faster than sdpa
+    here on short sequences; sdpa on GPU) | eager | sdpa | flash_attention_2."""
     packed_row_tokens: int = 256
     """Longest packed row (packed layout): CPU attention computes the full S x S scores."""
 
     def __post_init__(self):
         _positive("learner.workers", self.workers)
         _positive("learner.micro_batch_tokens", self.micro_batch_tokens)
-        _choice("learner.layout", self.layout, ("padded", "packed"))
+        _choice("learner.layout", self.layout, ("auto", "shared_prompt", "padded", "packed"))
+        _choice("learner.attn_implementation", self.attn_implementation,
+                ("auto", "eager", "sdpa", "flash_attention_2"))
+        if self.layout == "shared_prompt" and self.gradient_checkpointing:
+            raise ConfigError("learner.layout = 'shared_prompt' needs the KV cache, which "
+                              "learner.gradient_checkpointing = true turns off; set "
+                              "learner.layout: padded, or turn gradient checkpointing off.")
         if self.lr <= 0:
             raise ConfigError(f"learner.lr = {self.lr} must be > 0.")
 

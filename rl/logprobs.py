@@ -18,6 +18,16 @@ positions whose logits predict a response token, so the lm_head and the log-soft
 response tokens only; the K log-probs are scattered (differentiably) into [n, T].
 
     input_ids [1, S]   position_ids [1, S]   logits_index [K]   dest_rows/dest_cols [K]
+
+shared_prompt: the G samples of a GRPO group share their prompt, so each distinct prompt runs
+ONCE (pass 1, left-padded, `use_cache=True`); its KV cache is repeated for its responses and
+pass 2 runs only the response tokens against it. Gradients flow through the repeated cache
+into the prompt's single pass, so the result equals the padded layout's; the model processes
+k * P + n * (T - 1) tokens instead of n * (P + T). The last prompt position's logits predict
+each response's first token; pass 2's logits predict the rest.
+
+    prompt_ids [k, P]   prompt_mask [k, P]   repeats [k]
+    continuation_ids [n, T - 1] (responses left-aligned without their last token)
 """
 
 from __future__ import annotations
@@ -37,7 +47,14 @@ class _TokenCounts:
 
     @property
     def num_processed_tokens(self) -> int:
+        """Tokens the model runs over, padding included."""
         return self.input_ids.numel()
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Processed tokens that are not padding."""
+        mask = getattr(self, "attention_mask", None)
+        return int(mask.sum()) if mask is not None else self.input_ids.numel()
 
 
 @dataclass
@@ -65,6 +82,45 @@ class PackedMicroBatch(_TokenCounts):
     response_mask: Tensor  # [n, T] bool
 
     attention_mask = None  # the block-diagonal mask comes from position_ids
+
+
+@dataclass
+class SharedPromptMicroBatch:
+    """Shared-prompt layout: rows of the same prompt are consecutive (`repeats` of them)."""
+
+    prompt_ids: Tensor         # [k, P] long, distinct prompts, left-padded
+    prompt_mask: Tensor        # [k, P] long
+    repeats: Tensor            # [k] long, responses per prompt (sum = n)
+    continuation_ids: Tensor   # [n, T - 1] long, response tokens 0..T-2, left-aligned, pad right
+    continuation_mask: Tensor  # [n, T - 1] long
+    response_lengths: Tensor   # [n] long
+    response_ids: Tensor       # [n, T] long, right-aligned (as in MicroBatch)
+    response_mask: Tensor      # [n, T] bool
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+    @property
+    def num_processed_tokens(self) -> int:
+        """Tokens the model runs over, padding included: k * P + n * (T - 1)."""
+        return self.prompt_ids.numel() + self.continuation_ids.numel()
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Processed tokens that are not padding (each distinct prompt counted once)."""
+        return int(self.prompt_mask.sum() + self.continuation_mask.sum())
+
+
+def prompt_runs(prompts: list[list[int]]) -> list[tuple[int, int]]:
+    """(start, count) of each run of consecutive identical prompts."""
+    runs: list[tuple[int, int]] = []
+    for i, p in enumerate(prompts):
+        if runs and prompts[runs[-1][0]] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
 
 
 def right_align(rows: list[list[float]], width: int, fill: float = 0.0,
@@ -119,6 +175,36 @@ def make_packed_micro_batch(prompts: list[list[int]], responses: list[list[int]]
                             as_long(dest_rows), as_long(dest_cols), response_ids, response_mask)
 
 
+def make_shared_prompt_micro_batch(prompts: list[list[int]], responses: list[list[int]],
+                                   pad_id: int) -> SharedPromptMicroBatch:
+    """Build the shared-prompt layout. Consecutive sequences with the same prompt share one
+    prompt pass (callers keep a group's samples together); every prompt must be non-empty."""
+    if any(not p for p in prompts):
+        raise ValueError("shared_prompt layout needs a non-empty prompt for every sequence")
+    runs = prompt_runs(prompts)
+    distinct = [prompts[start] for start, _ in runs]
+    P = max(len(p) for p in distinct)
+    T = max(1, max(len(r) for r in responses))
+    prompt_ids = right_align([list(map(float, p)) for p in distinct], P, pad_id, torch.long)
+    prompt_mask = right_align([[1.0] * len(p) for p in distinct], P, 0, torch.long)
+    continuation_ids = torch.full((len(responses), T - 1), pad_id, dtype=torch.long)
+    continuation_mask = torch.zeros((len(responses), T - 1), dtype=torch.long)
+    for i, r in enumerate(responses):
+        head = r[:-1]
+        if head:
+            continuation_ids[i, :len(head)] = torch.as_tensor(head, dtype=torch.long)
+            continuation_mask[i, :len(head)] = 1
+    response_ids = right_align([list(map(float, r)) for r in responses], T, pad_id, torch.long)
+    response_mask = right_align([[1.0] * len(r) for r in responses], T, 0, torch.long).bool()
+    return SharedPromptMicroBatch(
+        prompt_ids, prompt_mask, torch.tensor([c for _, c in runs], dtype=torch.long),
+        continuation_ids, continuation_mask,
+        torch.tensor([len(r) for r in responses], dtype=torch.long), response_ids, response_mask)
+
+
+LAYOUTS = ("padded", "packed", "shared_prompt")
+
+
 def build_micro_batch(layout: str, prompts: list[list[int]], responses: list[list[int]],
                       pad_id: int) -> MicroBatch | PackedMicroBatch:
     """`layout` is "padded" or "packed"."""
@@ -126,7 +212,9 @@ def build_micro_batch(layout: str, prompts: list[list[int]], responses: list[lis
         return make_packed_micro_batch(prompts, responses, pad_id)
     if layout == "padded":
         return make_micro_batch(prompts, responses, pad_id)
-    raise ValueError(f"unknown micro-batch layout {layout!r}: use 'packed' or 'padded'")
+    if layout == "shared_prompt":
+        return make_shared_prompt_micro_batch(prompts, responses, pad_id)
+    raise ValueError(f"unknown micro-batch layout {layout!r}: use one of {', '.join(LAYOUTS)}")
 
 
 def _token_logprobs(logits: Tensor, targets: Tensor, temperature: float,
@@ -144,7 +232,7 @@ def _token_logprobs(logits: Tensor, targets: Tensor, temperature: float,
     return logp, entropy
 
 
-def response_logprobs(model, mb: MicroBatch | PackedMicroBatch, temperature: float = 1.0,
+def response_logprobs(model, mb: MicroBatch | PackedMicroBatch | SharedPromptMicroBatch, temperature: float = 1.0,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs [n, T] of the response tokens (and entropies [n, T], no gradient).
 
@@ -153,6 +241,8 @@ def response_logprobs(model, mb: MicroBatch | PackedMicroBatch, temperature: flo
     """
     if isinstance(mb, PackedMicroBatch):
         return _packed_logprobs(model, mb, temperature, with_entropy)
+    if isinstance(mb, SharedPromptMicroBatch):
+        return _shared_prompt_logprobs(model, mb, temperature, with_entropy)
     T = mb.response_ids.shape[1]
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                 position_ids=mb.position_ids, logits_to_keep=T + 1, use_cache=False)
@@ -176,4 +266,46 @@ def _packed_logprobs(model, mb: PackedMicroBatch, temperature: float,
     # index_put (not in-place on a leaf) keeps the autograd path from [n, T] back to [K].
     logp = flat_logp.new_zeros(n, T).index_put(index, flat_logp)
     entropy = flat_ent.new_zeros(n, T).index_put(index, flat_ent) if flat_ent is not None else None
+    return logp, entropy
+
+
+def _repeat_cache(cache, repeats: Tensor) -> None:
+    """Repeat every layer's cached keys/values along the batch: row j -> repeats[j] rows.
+    Not in place on the cached tensors (new tensors), so autograd reaches pass 1 through them."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"shared_prompt layout: unsupported cache type {type(cache).__name__}")
+    for layer in layers:
+        layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
+        layer.values = layer.values.repeat_interleave(repeats, dim=0)
+
+
+def _shared_prompt_logprobs(model, mb: SharedPromptMicroBatch, temperature: float,
+                            with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    n, T = mb.response_mask.shape
+    prompt_pos = (mb.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    first = model(input_ids=mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=prompt_pos,
+                  use_cache=True, logits_to_keep=1)
+    logits = first.logits[:, -1:].repeat_interleave(mb.repeats, dim=0)  # [n, 1, V]: token 0
+    if T > 1:
+        cache = first.past_key_values
+        _repeat_cache(cache, mb.repeats)
+        prompt_len = mb.prompt_mask.sum(-1).repeat_interleave(mb.repeats)  # [n]
+        position_ids = prompt_len[:, None] + torch.arange(T - 1, device=prompt_len.device)
+        attention_mask = torch.cat([mb.prompt_mask.repeat_interleave(mb.repeats, dim=0),
+                                    mb.continuation_mask], dim=1)
+        rest = model(input_ids=mb.continuation_ids, attention_mask=attention_mask,
+                     position_ids=position_ids, past_key_values=cache, use_cache=True)
+        logits = torch.cat([logits, rest.logits], dim=1)  # [n, T, V], left-aligned
+    # right-aligned column c of row i holds left-aligned column c - (T - len_i)
+    shift = T - mb.response_lengths
+    src = (torch.arange(T, device=shift.device)[None, :] - shift[:, None]).clamp(min=0)  # [n, T]
+    # and left-aligned column j of row i holds right-aligned column j + (T - len_i)
+    inverse = (torch.arange(T, device=shift.device)[None, :] + shift[:, None]).clamp(max=T - 1)
+    left_ids = mb.response_ids.gather(1, inverse)  # columns past a row's length: don't care
+    logp_left, ent_left = _token_logprobs(logits, left_ids, temperature, with_entropy)
+    logp = logp_left.gather(1, src).masked_fill(~mb.response_mask, 0.0)
+    entropy = None
+    if ent_left is not None:
+        entropy = ent_left.gather(1, src).masked_fill(~mb.response_mask, 0.0)
     return logp, entropy

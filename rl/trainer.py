@@ -77,6 +77,7 @@ class Trainer:
             micro_batch_tokens=c.learner.micro_batch_tokens, temperature=c.rollout.temperature,
             gradient_checkpointing=c.learner.gradient_checkpointing, seed=c.trainer.seed,
             layout=c.learner.layout, packed_row_tokens=c.learner.packed_row_tokens,
+            attn_implementation=c.learner.attn_implementation,
             init_weights_path=full_ft_resume)
         # Rollout engines are re-seeded on resume so a continued run does not replay samples.
         rollout_seed = c.trainer.seed + 7919 * self.start_step

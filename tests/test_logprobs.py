@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from rl.logprobs import make_micro_batch, make_packed_micro_batch, response_logprobs, right_align
+from rl.logprobs import (make_micro_batch, make_packed_micro_batch, make_shared_prompt_micro_batch,
+                         response_logprobs, right_align)
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +151,87 @@ def test_learner_packed_gradient_equals_unpacked(tiny_model_dir, objective):
         torch.testing.assert_close(packed[name], reference[name], atol=1e-5, rtol=1e-4, msg=name)
         torch.testing.assert_close(padded[name], reference[name], atol=1e-5, rtol=1e-4, msg=name)
     assert stats["loss"] == pytest.approx(float(loss.detach()), abs=1e-5)
+
+
+# --- shared_prompt: each distinct prompt runs once, its KV cache serves its samples ----------
+
+def _grouped_batch(vocab: int, groups: int, group_size: int, seed: int, prompt_len=(1, 12)):
+    """GRPO-shaped data: `group_size` responses (one of them empty) per prompt, consecutive."""
+    rng = random.Random(seed)
+    prompts, responses = [], []
+    for _ in range(groups):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(*prompt_len))]
+        for j in range(group_size):
+            prompts.append(prompt)
+            responses.append([] if j == 1 else [rng.randrange(vocab) for _ in range(rng.randint(1, 20))])
+    return prompts, responses
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_logprobs_equal_per_sequence(tiny_model, temperature):
+    prompts, responses = _grouped_batch(tiny_model.config.vocab_size, 3, 4, seed=2)
+    with torch.no_grad():
+        ref_logp, ref_ent = _reference(tiny_model, prompts, responses, temperature)
+        mb = make_shared_prompt_micro_batch(prompts, responses, pad_id=0)
+        logp, ent = response_logprobs(tiny_model, mb, temperature, with_entropy=True)
+    assert mb.prompt_ids.shape[0] == 3 and mb.repeats.tolist() == [4, 4, 4]
+    T = ref_logp.shape[1]
+    assert mb.num_processed_tokens == mb.prompt_ids.numel() + 12 * (T - 1)
+    assert mb.num_processed_tokens < make_micro_batch(prompts, responses, 0).num_processed_tokens
+    assert torch.equal(mb.response_mask, ref_logp != 0)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_without_repeats_and_one_token_responses(tiny_model):
+    """Every prompt distinct (no sharing) and T = 1 (no second pass) still give the reference."""
+    prompts, responses = _random_batch(tiny_model.config.vocab_size, 5, seed=3, empty_response=False)
+    one_token = [r[:1] for r in responses]
+    with torch.no_grad():
+        for resp in (responses, one_token):
+            mb = make_shared_prompt_micro_batch(prompts, resp, pad_id=0)
+            assert mb.repeats.tolist() == [1] * 5
+            logp, _ = response_logprobs(tiny_model, mb)
+            torch.testing.assert_close(logp, _reference(tiny_model, prompts, resp)[0], atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_rejects_empty_prompt():
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        make_shared_prompt_micro_batch([[]], [[1, 2]], 0)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "gspo"])
+def test_learner_shared_prompt_gradient_equals_padded(tiny_model_dir, objective):
+    from rl.learner import Learner, LearnerSettings, TrainBatch
+
+    # prompts of 20-30 tokens, responses of <= 20: a group costs <= 30 + 4 * 20 = 110 tokens,
+    # so a budget of 150 holds one group per micro-batch
+    settings = LearnerSettings(model_path=tiny_model_dir, dtype="float32", micro_batch_tokens=150,
+                               objective=objective, layout="shared_prompt")
+    learner = Learner(settings, num_threads=1)
+    prompts, responses = _grouped_batch(learner.model.config.vocab_size, 4, 4, seed=7, prompt_len=(20, 30))
+    gen = torch.Generator().manual_seed(7)
+    adv = [torch.randn(len(r), generator=gen).tolist() for r in responses]
+    roll = [(-torch.rand(len(r), generator=gen)).tolist() for r in responses]
+    batch = TrainBatch(prompts, responses, adv, roll, float(sum(map(len, responses))),
+                       float(sum(bool(r) for r in responses)), float(max(map(len, responses))))
+    learner.optimizer.zero_grad(set_to_none=True)
+    shared_stats = learner.accumulate_gradients(batch)
+    shared = _grads(learner.model)
+    assert shared_stats["micro_batches"] == 4
+    learner.s.layout = "padded"
+    learner.optimizer.zero_grad(set_to_none=True)
+    padded_stats = learner.accumulate_gradients(batch)
+    padded = _grads(learner.model)
+    assert shared_stats["processed_tokens"] < padded_stats["processed_tokens"]
+    assert shared.keys() == padded.keys()
+    for name in padded:
+        torch.testing.assert_close(shared[name], padded[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert shared_stats["loss"] == pytest.approx(padded_stats["loss"], abs=1e-5)
+
+
+def test_shared_prompt_refuses_gradient_checkpointing(tiny_model_dir):
+    from rl.learner import LearnerSettings
+
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        LearnerSettings(model_path=tiny_model_dir, layout="shared_prompt", gradient_checkpointing=True)
