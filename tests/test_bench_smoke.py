@@ -128,10 +128,16 @@ def test_step_bench_toy(tmp_path, tiny_model_dir):
                        "--layout-repeats", "1", *_toy_overrides(tiny_model_dir)]) == 0
     result = json.loads((out / "step.json").read_text())
     assert result["split"]["step_s"] > 0 and (out / "step.png").exists()
-    kinds = {(r["layout"], r["dtype"]) for r in result["layouts"]}
-    assert {("padded", "bfloat16"), ("packed/256", "bfloat16"), ("packed/one-row", "bfloat16"),
-            ("padded", "float32"), ("packed/256", "float32")} == kinds
+    kinds = {(r["layout"], r["attention"], r["dtype"]) for r in result["layouts"]}
+    assert kinds == {("shared_prompt", "eager", "bfloat16"), ("shared_prompt", "sdpa", "bfloat16"),
+                     ("padded", "eager", "bfloat16"), ("padded", "sdpa", "bfloat16"),
+                     ("packed/256", "eager", "bfloat16"), ("shared_prompt", "eager", "float32"),
+                     ("padded", "eager", "float32")}
     assert all(r["padding_fraction"] == 0 for r in result["layouts"] if r["layout"].startswith("packed"))
+    # 4 sequences = 2 groups of 2 sharing their prompts: the prompt pass runs once per group
+    by = {(r["layout"], r["attention"], r["dtype"]): r for r in result["layouts"]}
+    assert (by[("shared_prompt", "eager", "float32")]["processed_tokens"]
+            < by[("padded", "eager", "float32")]["processed_tokens"])
 
 
 @pytest.mark.slow

@@ -9,9 +9,10 @@ left out of the means when there are more steps. Phases per step:
   sync      weight sync + canary   idle    step wall time not in any phase (driver overhead)
 
 Part 2 (skip with --no-layouts) times the learner alone, in this process, on sequences from
-one more rollout of the same run: packed vs padded micro-batches (rl/logprobs.py) and bf16
-autocast vs float32, as forward + backward seconds (`Learner.accumulate_gradients`, median of
---layout-repeats interleaved runs) per trained token.
+one more rollout of the same run (whole GRPO groups): the micro-batch layouts shared_prompt,
+padded and packed (rl/logprobs.py), eager vs SDPA attention, bf16 autocast vs float32, as
+forward + backward seconds (`Learner.accumulate_gradients`, median of --layout-repeats
+interleaved runs) per trained token.
 
     python -m rl.bench step [--config configs/bench_step.yaml] [--steps 3] [key=value ...]
 """
@@ -28,10 +29,10 @@ from pathlib import Path
 from rl.bench.table import print_table
 
 PHASES = ("generate", "reward", "train", "sync", "idle")
-# Learner comparison: (autocast dtype, [(layout, packed row tokens)]). Packed rows of 256 vs the
-# whole budget in one row shows what the dense S x S attention mask costs.
-VARIANTS = (("bfloat16", [("padded", 0), ("packed", 256), ("packed", 1 << 30)]),
-            ("float32", [("padded", 0), ("packed", 256)]))
+# Learner comparison: (autocast dtype, [(layout, packed row tokens, attention kernel)]).
+VARIANTS = (("bfloat16", [("shared_prompt", 0, "eager"), ("shared_prompt", 0, "sdpa"),
+                          ("padded", 0, "eager"), ("padded", 0, "sdpa"), ("packed", 256, "eager")]),
+            ("float32", [("shared_prompt", 0, "eager"), ("padded", 0, "eager")]))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=3, help="training steps (step 1 is warm-up)")
     p.add_argument("--out-dir", default="outputs/bench/step")
     p.add_argument("--no-layouts", action="store_true", help="skip the learner layout comparison")
-    p.add_argument("--layout-sequences", type=int, default=16,
-                   help="sequences per learner update in the layout comparison")
+    p.add_argument("--layout-sequences", type=int, default=64,
+                   help="sequences per learner update in the layout comparison (whole groups)")
     p.add_argument("--layout-repeats", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
 
@@ -113,23 +114,21 @@ def phase_split(rows: list[dict]) -> dict:
     return out
 
 
-# --- part 2: the learner alone, packed vs padded, bf16 vs fp32 -------------------------------
+# --- part 2: the learner alone: layouts, attention kernels, precision ---------------------------
 
 def layout_comparison(config_path: str, overrides: list[str], samples: list, num_sequences: int,
                       repeats: int) -> list[dict]:
-    """Seconds per `Learner.update` on the same sequences for every layout x precision."""
+    """Seconds per `Learner.accumulate_gradients` on the same sequences for every variant."""
     import torch
 
     from rl.config import load_config
     from rl.learner import Learner, LearnerSettings, TrainBatch
-    from rl.packing import attention_pairs, pack_micro_batches, pack_sequences, padding_fraction, processed_tokens
+    from rl.packing import pack_micro_batches, padding_fraction
     from rl.train import resolve_model_path
 
     config = load_config(config_path, overrides)
-    rng = random.Random(0)
-    picked = [s for s in samples if s.response_ids]
-    rng.shuffle(picked)
-    picked = picked[:num_sequences]
+    # whole groups, in rollout order, as training sees them (shared_prompt relies on it)
+    picked = [s for s in samples if s.response_ids][:num_sequences]
     n_tok = float(sum(len(s.response_ids) for s in picked))
     gen = torch.Generator().manual_seed(0)
     batch = TrainBatch(
@@ -142,31 +141,32 @@ def layout_comparison(config_path: str, overrides: list[str], samples: list, num
     results = []
     for dtype, variants in VARIANTS:
         learner = Learner(LearnerSettings(model_path=resolve_model_path(config.model.path), dtype=dtype,
-                                          micro_batch_tokens=budget, lr=1e-9, seed=0))
+                                          micro_batch_tokens=budget, lr=1e-9, seed=0,
+                                          layout="padded", attn_implementation="eager"))
         times: dict[tuple, list[float]] = {v: [] for v in variants}
-        learner.s.layout = "padded"
+        stats: dict[tuple, dict] = {}
         learner.accumulate_gradients(batch)  # warm-up: allocator, oneDNN primitives
         for _ in range(repeats):
-            for layout, row in variants:  # interleaved, so background load drifts hit all alike
+            for variant in variants:  # interleaved, so background load drifts hit all alike
+                layout, row, attn = variant
                 learner.s.layout, learner.s.packed_row_tokens = layout, row
+                learner.model.set_attn_implementation(attn)
                 learner.optimizer.zero_grad(set_to_none=True)
                 t0 = time.perf_counter()
-                learner.accumulate_gradients(batch)  # forward + backward: what the layout changes
-                times[(layout, row)].append(time.perf_counter() - t0)
-        for layout, row in variants:
-            groups = (pack_sequences(lengths, min(row, budget)) if layout == "packed"
-                      else pack_micro_batches(lengths, budget))
-            processed = processed_tokens(lengths, groups, layout)
-            seconds = statistics.median(times[(layout, row)])
-            label = "padded" if layout == "padded" else ("packed/one-row" if row >= budget else f"packed/{row}")
-            results.append({"layout": label, "row_tokens": min(row, budget) if layout == "packed" else None,
-                            "dtype": dtype, "seconds": seconds, "seconds_all": times[(layout, row)],
-                            "micro_batches": len(groups), "tokens": sum(lengths), "processed_tokens": processed,
-                            "padding_fraction": 1 - sum(lengths) / processed,
-                            "padding_fraction_greedy_before": padding_fraction(lengths, _greedy_padded(lengths, budget)),
-                            "attention_pairs": attention_pairs(lengths, groups, layout),
+                stats[variant] = learner.accumulate_gradients(batch)  # forward + backward
+                times[variant].append(time.perf_counter() - t0)
+        for variant in variants:
+            layout, row, attn = variant
+            st, seconds = stats[variant], statistics.median(times[variant])
+            label = f"packed/{row}" if layout == "packed" else layout
+            results.append({"layout": label, "attention": attn, "dtype": dtype, "seconds": seconds,
+                            "seconds_all": times[variant], "micro_batches": st["micro_batches"],
+                            "tokens": sum(lengths), "processed_tokens": st["processed_tokens"],
+                            "padding_fraction": 1 - st["real_tokens"] / st["processed_tokens"],
                             "trained_tok_per_s": sum(lengths) / seconds})
         del learner
+    results[0]["padding_fraction_greedy_before"] = padding_fraction(lengths, _greedy_padded(lengths, budget))
+    results[0]["padding_fraction_padded_dp"] = padding_fraction(lengths, pack_micro_batches(lengths, budget))
     return results
 
 
@@ -202,7 +202,7 @@ def plot(split: dict, layouts: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     if layouts:
         ax = axes[0][1]
-        labels = [f"{r['layout']}\n{r['dtype']}" for r in layouts]
+        labels = [f"{r['layout']}\n{r['attention']} {r['dtype']}" for r in layouts]
         ax.bar(labels, [r["trained_tok_per_s"] for r in layouts], color=[f"C{i}" for i in range(len(layouts))])
         ax.tick_params(axis="x", labelsize=7)
         ax.set_ylabel("trained tokens / s (Learner.update)")
@@ -218,18 +218,20 @@ def report_split(split: dict) -> None:
 
 
 def report_layouts(layouts: list[dict]) -> dict:
-    print_table(layouts, ["layout", "dtype", "seconds", "micro_batches", "tokens", "processed_tokens",
-                          "padding_fraction", "attention_pairs", "trained_tok_per_s"])
-    by = {(r["layout"], r["dtype"]): r["trained_tok_per_s"] for r in layouts}
-    ratios = {"packed256_over_padded_bf16": by[("packed/256", "bfloat16")] / by[("padded", "bfloat16")],
-              "packed256_over_padded_fp32": by[("packed/256", "float32")] / by[("padded", "float32")],
-              "bf16_over_fp32_padded": by[("padded", "bfloat16")] / by[("padded", "float32")],
-              "bf16_over_fp32_packed256": by[("packed/256", "bfloat16")] / by[("packed/256", "float32")],
-              "padding_before_greedy": layouts[0]["padding_fraction_greedy_before"],
-              "padding_padded_dp": layouts[0]["padding_fraction"]}
-    one_row = [r for r in layouts if r["dtype"] == "bfloat16" and r["layout"] == "packed/one-row"]
-    if one_row:
-        ratios["packed_one_row_over_padded_bf16"] = one_row[0]["trained_tok_per_s"] / by[("padded", "bfloat16")]
+    print_table(layouts, ["layout", "attention", "dtype", "seconds", "micro_batches", "tokens",
+                          "processed_tokens", "padding_fraction", "trained_tok_per_s"])
+    by = {(r["layout"], r["attention"], r["dtype"]): r["trained_tok_per_s"] for r in layouts}
+    bf16, fp32 = "bfloat16", "float32"
+    ratios = {
+        "shared_over_padded_eager_bf16": by[("shared_prompt", "eager", bf16)] / by[("padded", "eager", bf16)],
+        "eager_over_sdpa_shared_bf16": by[("shared_prompt", "eager", bf16)] / by[("shared_prompt", "sdpa", bf16)],
+        "eager_over_sdpa_padded_bf16": by[("padded", "eager", bf16)] / by[("padded", "sdpa", bf16)],
+        "packed256_over_padded_eager_bf16": by[("packed/256", "eager", bf16)] / by[("padded", "eager", bf16)],
+        "bf16_over_fp32_shared": by[("shared_prompt", "eager", bf16)] / by[("shared_prompt", "eager", fp32)],
+        "bf16_over_fp32_padded": by[("padded", "eager", bf16)] / by[("padded", "eager", fp32)],
+        "padding_before_greedy": layouts[0]["padding_fraction_greedy_before"],
+        "padding_padded_dp": layouts[0]["padding_fraction_padded_dp"],
+    }
     print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     return ratios
 
