@@ -13,8 +13,21 @@ Two micro-batch layouts (see rl/logprobs.py):
 from __future__ import annotations
 
 
-def split_across_ranks(lengths: list[int], world_size: int) -> list[list[int]]:
-    """Indices per rank, balancing total tokens (longest first onto the least-loaded rank)."""
+def split_across_ranks(lengths: list[int], world_size: int,
+                       groups: list | None = None) -> list[list[int]]:
+    """Indices per rank, balancing total tokens (longest first onto the least-loaded rank).
+
+    groups: optional group id per sequence (the GRPO group). A group's sequences then stay on
+    one rank, so the shared_prompt layout runs each prompt once in all, as long as there are
+    at least as many groups as ranks (otherwise sequences are split one by one).
+    """
+    if groups is not None and len(set(groups)) >= world_size:
+        members: dict = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        units = list(members.values())
+        shards = split_across_ranks([sum(lengths[i] for i in u) for u in units], world_size)
+        return [sorted(i for k in shard for i in units[k]) for shard in shards]
     loads = [0] * world_size
     shards: list[list[int]] = [[] for _ in range(world_size)]
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):

@@ -282,7 +282,7 @@ class Trainer:
             batch_stats = self.objective.batch_stats(mask, entropy=entropy)
         shards = []
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-        for idx in split_across_ranks(lengths, len(self.learners.workers)):
+        for idx in split_across_ranks(lengths, len(self.learners.workers), [s.group_id for s in samples]):
             shards.append(TrainBatch(
                 prompt_ids=[samples[i].prompt_ids for i in idx],
                 response_ids=[samples[i].response_ids for i in idx],

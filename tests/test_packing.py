@@ -60,6 +60,24 @@ def test_split_across_ranks_balances_tokens():
     assert sorted(map(sorted, shards)) == [[0, 3, 4, 5], [1, 2]]
 
 
+def test_split_across_ranks_keeps_groups_together():
+    # groups a: 100 + 10 = 110, b: 90 + 10 = 100, c: 80 + 10 = 90 -> {a} and {b, c}
+    lengths = [100, 10, 90, 10, 80, 10]
+    groups = ["a", "a", "b", "b", "c", "c"]
+    shards = split_across_ranks(lengths, 2, groups)
+    assert sorted(map(sorted, shards)) == [[0, 1], [2, 3, 4, 5]]
+    rng = random.Random(3)
+    groups = [g for g in range(12) for _ in range(8)]
+    lengths = [rng.randint(1, 200) for _ in groups]
+    for world in (2, 3, 4):
+        shards = split_across_ranks(lengths, world, groups)
+        assert sorted(i for s in shards for i in s) == list(range(len(groups)))
+        assert all(len({groups[i] for i in s}) == len(s) // 8 for s in shards)  # whole groups
+    # fewer groups than ranks: sequences are split one by one, no rank left empty
+    shards = split_across_ranks([5, 6, 7, 8], 4, [0, 0, 1, 1])
+    assert sorted(map(len, shards)) == [1, 1, 1, 1]
+
+
 # --- packed layout: first-fit decreasing by real token count --------------------------------
 
 def test_pack_sequences_every_index_once_and_budget_respected():
