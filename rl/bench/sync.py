@@ -10,6 +10,7 @@ canary prompt (the check training runs after every sync), timing:
            (+ tied lm_head repack) + prefix-cache reset
   total    driver wall time of export + load = `sync/seconds` in training; GB/s = bytes / total
   receive  the same object moved to the worker without loading it (transport alone)
+  profile  one more flat load under cProfile: where the load's time goes (printed, in the JSON)
 
 next to the old path (a dict of torch tensors pickled through the store, same reload) and the
 machine's memcpy bandwidth measured in the same run (best of 5 `dst.copy_(src)` of
@@ -86,6 +87,21 @@ def _actor_classes():
             named = as_named_tensors(weights)
             return sum(t.numel() * t.element_size() for t in named.values())
 
+        def profile_load(self, weights, top: int = 6) -> dict:
+            """One load under cProfile: total seconds and the functions with the most own time
+            (where vLLM's reload spends it, e.g. the CPU GEMM weight prepack)."""
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            self.load_weights(weights)
+            prof.disable()
+            own = [(func if file == "~" else f"{file.rsplit('/', 1)[-1]}:{func}", tt)
+                   for (file, _, func), (_, _, tt, _, _) in pstats.Stats(prof).stats.items()]
+            own.sort(key=lambda r: -r[1])
+            return {"total_s": sum(tt for _, tt in own), "top": own[:top]}
+
     return BenchLearner, BenchRollout
 
 
@@ -136,10 +152,14 @@ def bench_model(name: str, path: str, args, classes) -> dict:
                              "export_s": export, "load_s": load["seconds"], "total_s": total,
                              "receive_s": receive, "canary_diff_before": before, "canary_diff_after": after})
                 del ref
+        try:  # a breakdown only: never lose the timed rows to it
+            profile = ray.get(worker.profile_load.remote(learner.export_flat_weights.remote()))
+        except Exception as e:  # noqa: BLE001
+            profile = {"error": f"{type(e).__name__}: {e}"[:500]}
     finally:
         ray.kill(worker)
         ray.kill(learner)
-    return {"model": name, "rows": rows}
+    return {"model": name, "rows": rows, "load_profile": profile}
 
 
 def summarize(result: dict, memcpy: float) -> list[dict]:
@@ -226,6 +246,11 @@ def run(args) -> int:
     columns = ["model", "transport", "MB", "export_s", "load_s", "total_s", "GB/s", "% memcpy",
                "transport GB/s", "canary_diff_before", "canary_diff_after"]
     print_table(summary, columns)
+    for res in results:
+        if res.get("load_profile", {}).get("top"):
+            prof = res["load_profile"]
+            print(f"{res['model']}: one flat load under cProfile, {prof['total_s']:.3f} s; most own time: "
+                  + ", ".join(f"{name} {sec:.3f} s" for name, sec in prof["top"]))
     (out / "sync.json").write_text(json.dumps(
         {"memcpy_gbps": memcpy, "dtype": args.dtype, "summary": summary, "runs": results}, indent=2))
     plot(summary, memcpy, out / "sync.png")
