@@ -280,13 +280,32 @@ def _repeat_cache(cache, repeats: Tensor) -> None:
         layer.values = layer.values.repeat_interleave(repeats, dim=0)
 
 
+def _decoder_and_head(model):
+    """(decoder, lm_head) when the logits are exactly lm_head(decoder's last hidden state), so
+    the head can run on chosen positions only; None for models that scale or soft-cap logits."""
+    config = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
 def _shared_prompt_logprobs(model, mb: SharedPromptMicroBatch, temperature: float,
                             with_entropy: bool) -> tuple[Tensor, Tensor | None]:
     n, T = mb.response_mask.shape
+    lengths = mb.response_lengths
     prompt_pos = (mb.prompt_mask.cumsum(-1) - 1).clamp(min=0)
     first = model(input_ids=mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=prompt_pos,
                   use_cache=True, logits_to_keep=1)
-    logits = first.logits[:, -1:].repeat_interleave(mb.repeats, dim=0)  # [n, 1, V]: token 0
+    # Token 0 of each response is predicted by its prompt's last position.
+    rows = torch.nonzero(lengths > 0).squeeze(1)                               # [n0]
+    logits = [first.logits[:, -1].repeat_interleave(mb.repeats, dim=0)[rows]]  # [n0, V]
+    cols = [T - lengths[rows]]  # right-aligned column of token 0
+    all_rows = [rows]
     if T > 1:
         cache = first.past_key_values
         _repeat_cache(cache, mb.repeats)
@@ -294,18 +313,24 @@ def _shared_prompt_logprobs(model, mb: SharedPromptMicroBatch, temperature: floa
         position_ids = prompt_len[:, None] + torch.arange(T - 1, device=prompt_len.device)
         attention_mask = torch.cat([mb.prompt_mask.repeat_interleave(mb.repeats, dim=0),
                                     mb.continuation_mask], dim=1)
-        rest = model(input_ids=mb.continuation_ids, attention_mask=attention_mask,
-                     position_ids=position_ids, past_key_values=cache, use_cache=True)
-        logits = torch.cat([logits, rest.logits], dim=1)  # [n, T, V], left-aligned
-    # right-aligned column c of row i holds left-aligned column c - (T - len_i)
-    shift = T - mb.response_lengths
-    src = (torch.arange(T, device=shift.device)[None, :] - shift[:, None]).clamp(min=0)  # [n, T]
-    # and left-aligned column j of row i holds right-aligned column j + (T - len_i)
-    inverse = (torch.arange(T, device=shift.device)[None, :] + shift[:, None]).clamp(max=T - 1)
-    left_ids = mb.response_ids.gather(1, inverse)  # columns past a row's length: don't care
-    logp_left, ent_left = _token_logprobs(logits, left_ids, temperature, with_entropy)
-    logp = logp_left.gather(1, src).masked_fill(~mb.response_mask, 0.0)
-    entropy = None
-    if ent_left is not None:
-        entropy = ent_left.gather(1, src).masked_fill(~mb.response_mask, 0.0)
+        kwargs = dict(input_ids=mb.continuation_ids, attention_mask=attention_mask,
+                      position_ids=position_ids, past_key_values=cache, use_cache=True)
+        # Continuation position j of row i predicts token j + 1: real where j < len_i - 1,
+        # which is exactly continuation_mask.
+        r, j = torch.nonzero(mb.continuation_mask, as_tuple=True)  # [K]
+        parts = _decoder_and_head(model)
+        if parts is not None:  # the lm_head and log-softmax on real positions only
+            hidden = parts[0](**kwargs).last_hidden_state  # [n, T - 1, H]
+            logits.append(parts[1](hidden[r, j]))          # [K, V]
+        else:
+            logits.append(model(**kwargs).logits[r, j])
+        all_rows.append(r)
+        cols.append(T - lengths[r] + j + 1)
+    rows_cat, cols_cat = torch.cat(all_rows), torch.cat(cols)
+    targets = mb.response_ids[rows_cat, cols_cat]
+    flat_logp, flat_ent = _token_logprobs(torch.cat(logits), targets, temperature, with_entropy)
+    index = (rows_cat, cols_cat)
+    # index_put (not in place on a leaf) keeps the autograd path from [n, T] back to [K].
+    logp = flat_logp.new_zeros(n, T).index_put(index, flat_logp)
+    entropy = flat_ent.new_zeros(n, T).index_put(index, flat_ent) if flat_ent is not None else None
     return logp, entropy

@@ -235,3 +235,26 @@ def test_shared_prompt_refuses_gradient_checkpointing(tiny_model_dir):
 
     with pytest.raises(ValueError, match="gradient checkpointing"):
         LearnerSettings(model_path=tiny_model_dir, layout="shared_prompt", gradient_checkpointing=True)
+
+
+def test_shared_prompt_full_logits_fallback_equals_head_on_real_positions(tiny_model, monkeypatch):
+    """Models that scale or soft-cap logits take the full-logits path; both paths agree here."""
+    import rl.logprobs as lp
+
+    assert lp._decoder_and_head(tiny_model) is not None  # the tiny Qwen2 takes the fast path
+    prompts, responses = _grouped_batch(tiny_model.config.vocab_size, 2, 3, seed=4)
+    mb = make_shared_prompt_micro_batch(prompts, responses, pad_id=0)
+    with torch.no_grad():
+        fast, fast_ent = response_logprobs(tiny_model, mb, with_entropy=True)
+        monkeypatch.setattr(lp, "_decoder_and_head", lambda model: None)
+        full, full_ent = response_logprobs(tiny_model, mb, with_entropy=True)
+    torch.testing.assert_close(fast, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast_ent, full_ent, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast, _reference(tiny_model, prompts, responses)[0], atol=1e-5, rtol=0)
+
+
+def test_decoder_and_head_refuses_soft_capped_logits(tiny_model, monkeypatch):
+    import rl.logprobs as lp
+
+    monkeypatch.setattr(tiny_model.config, "final_logit_softcapping", 30.0, raising=False)
+    assert lp._decoder_and_head(tiny_model) is None
