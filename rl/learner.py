@@ -14,6 +14,7 @@ A plain class, so tests run it without Ray; `rl.actors` wraps it as a Ray actor.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import os
 import time
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from rl.logprobs import LAYOUTS, build_micro_batch, make_micro_batch, response_logprobs, right_align
-from rl.packing import pack_micro_batches, pack_prompt_groups, pack_sequences
+from rl.logprobs import (LAYOUTS, SharedPrompts, build_micro_batch, make_micro_batch,
+                         make_response_micro_batch, response_logprobs, right_align)
+from rl.packing import pack_micro_batches, pack_sequences, prompt_chunks
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -169,23 +171,56 @@ class Learner:
     def entropies(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Per-token entropies of the current policy (no gradient), for batch-level statistics."""
         out: list[list[float]] = [[] for _ in prompt_ids]
-        with torch.no_grad(), self._autocast():
-            for idx in self._micro_batches(prompt_ids, response_ids):
-                mb = self._build([prompt_ids[i] for i in idx], [response_ids[i] for i in idx])
-                _, ent = response_logprobs(self.model, mb, self.s.temperature, with_entropy=True)
+        with torch.no_grad():
+            for idx, mb, _, _ in self._iter_micro_batches(prompt_ids, response_ids):
+                with self._autocast():
+                    _, ent = response_logprobs(self.model, mb, self.s.temperature, with_entropy=True)
                 for row, i in enumerate(idx):
                     n = len(response_ids[i])
                     out[i] = ent[row, ent.shape[1] - n:].tolist() if n else []
         return out
 
     def _micro_batches(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[int]]:
-        """Sequence indices per micro-batch under the token budget, for the configured layout."""
-        if self.s.layout == "shared_prompt":
-            return pack_prompt_groups(prompts, [len(r) for r in responses], self.s.micro_batch_tokens)
+        """Sequence indices per micro-batch under the token budget (padded and packed layouts)."""
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         if self.s.layout == "packed":
             return pack_sequences(lengths, min(self.s.micro_batch_tokens, self.s.packed_row_tokens))
         return pack_micro_batches(lengths, self.s.micro_batch_tokens)
+
+    def _iter_micro_batches(self, prompts: list[list[int]], responses: list[list[int]], with_ref: bool = False):
+        """Yield (indices, micro-batch, reference micro-batch or None, pass-1 token counts).
+
+        shared_prompt: per chunk of whole prompt groups, pass 1 runs the chunk's distinct
+        prompts once (under autocast; and once more on the reference policy when `with_ref`);
+        its micro-batches follow, then ONE backward through pass 1 once the caller has run
+        the chunk's last micro-batch backward (a no-op under no_grad). The pass-1 token counts
+        (processed, real) come with the chunk's first micro-batch, (0, 0) otherwise.
+        """
+        if self.s.layout != "shared_prompt":
+            for idx in self._micro_batches(prompts, responses):
+                mb = self._build([prompts[i] for i in idx], [responses[i] for i in idx])
+                yield idx, mb, (mb if with_ref else None), (0, 0)
+            return
+        for chunk in prompt_chunks(prompts, self.s.micro_batch_tokens):
+            rows: dict[tuple[int, ...], int] = {}
+            for i in chunk:
+                rows.setdefault(tuple(prompts[i]), len(rows))
+            distinct = [list(p) for p in rows]
+            with self._autocast():
+                shared = SharedPrompts(self.model, distinct, self.pad_id)
+                ref_shared = None
+                if with_ref:
+                    ref_model, ctx = self._ref_context()
+                    with torch.no_grad(), ctx:
+                        ref_shared = SharedPrompts(ref_model, distinct, self.pad_id)
+            counts = (shared.num_processed_tokens, shared.num_real_tokens)
+            for group in pack_micro_batches([len(responses[i]) for i in chunk], self.s.micro_batch_tokens):
+                idx = [chunk[j] for j in group]
+                mb = self._to_device(make_response_micro_batch(
+                    shared, [rows[tuple(prompts[i])] for i in idx], [responses[i] for i in idx], self.pad_id))
+                yield idx, mb, (dataclasses.replace(mb, shared=ref_shared) if with_ref else None), counts
+                counts = (0, 0)
+            shared.backward()
 
     def _build(self, prompts: list[list[int]], responses: list[list[int]]):
         return self._to_device(build_micro_batch(self.s.layout, prompts, responses, self.pad_id))
@@ -246,15 +281,15 @@ class Learner:
         obj = self.objective
         norm = LossNorm(batch.num_tokens, batch.num_seqs, batch.max_len)
         lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
-        micro_batches = self._micro_batches(batch.prompt_ids, batch.response_ids)
         sums: dict[str, float] = {}
         total_loss = 0.0
-        processed = real = 0
+        processed = real = micro_batches = 0
         with_entropy = True  # entropy is a logged metric for every objective
-        for idx in micro_batches:
-            mb = self._build([batch.prompt_ids[i] for i in idx], [batch.response_ids[i] for i in idx])
-            processed += mb.num_processed_tokens
-            real += mb.num_real_tokens
+        for idx, mb, ref_mb, (pass1_processed, pass1_real) in self._iter_micro_batches(
+                batch.prompt_ids, batch.response_ids, with_ref=obj.needs_ref):
+            micro_batches += 1
+            processed += mb.num_processed_tokens + pass1_processed
+            real += mb.num_real_tokens + pass1_real
             T = mb.response_ids.shape[1]
             adv = right_align([batch.advantages[i] for i in idx], T).to(self.device)
             rollout_lp = right_align([batch.rollout_logprobs[i] for i in idx], T).to(self.device)
@@ -264,7 +299,7 @@ class Learner:
                 if obj.needs_ref:
                     ref_model, ctx = self._ref_context()
                     with torch.no_grad(), ctx:
-                        ref_logp, _ = response_logprobs(ref_model, mb, self.s.temperature)
+                        ref_logp, _ = response_logprobs(ref_model, ref_mb, self.s.temperature)
             # One optimizer step per rollout batch: the policy that generated the batch IS the
             # current one, so old_logp equals logp detached (ratio 1) without a second forward.
             old_logp = logp.detach()
@@ -280,7 +315,7 @@ class Learner:
             metrics["train/rollout_logprob_abs_diff"] = float(diff.abs().mean()) if n_tok else 0.0
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n_tok
-        return {"loss": total_loss, "sums": sums, "micro_batches": len(micro_batches),
+        return {"loss": total_loss, "sums": sums, "micro_batches": micro_batches,
                 "response_tokens": float(sum(len(r) for r in batch.response_ids)),
                 "tokens": float(sum(lengths)),
                 "processed_tokens": float(processed), "real_tokens": float(real)}

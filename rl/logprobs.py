@@ -20,14 +20,17 @@ response tokens only; the K log-probs are scattered (differentiably) into [n, T]
     input_ids [1, S]   position_ids [1, S]   logits_index [K]   dest_rows/dest_cols [K]
 
 shared_prompt: the G samples of a GRPO group share their prompt, so each distinct prompt runs
-ONCE (pass 1, left-padded, `use_cache=True`); its KV cache is repeated for its responses and
-pass 2 runs only the response tokens against it. Gradients flow through the repeated cache
-into the prompt's single pass, so the result equals the padded layout's; the model processes
-k * P + n * (T - 1) tokens instead of n * (P + T). The last prompt position's logits predict
-each response's first token; pass 2's logits predict the rest.
+ONCE per update (pass 1, `SharedPrompts`: left-padded, `use_cache=True`). Its KV cache and
+last-position logits are cut from the graph as leaf tensors; response micro-batches (pass 2,
+`ResponseMicroBatch`, grouped by response length like the padded layout) select their
+prompts' rows of that cache and run only response tokens. Each micro-batch's backward adds
+into the leaves' gradients, and `SharedPrompts.backward()` sends the sums through pass 1 once.
+Same gradient as the padded layout; the model processes sum_k P_k + sum_i (T_i - 1) tokens
+(+ padding) instead of sum_i (P_i + T_i).
 
-    prompt_ids [k, P]   prompt_mask [k, P]   repeats [k]
-    continuation_ids [n, T - 1] (responses left-aligned without their last token)
+    pass 1: prompt_ids [k, P]  ->  keys/values [k, heads, P, d] per layer, first logits [k, V]
+    pass 2: prompt_rows [n], continuation_ids [n, T - 1] (responses left-aligned minus their
+            last token) against the selected cache rows
 """
 
 from __future__ import annotations
@@ -85,12 +88,11 @@ class PackedMicroBatch(_TokenCounts):
 
 
 @dataclass
-class SharedPromptMicroBatch:
-    """Shared-prompt layout: rows of the same prompt are consecutive (`repeats` of them)."""
+class ResponseMicroBatch:
+    """shared_prompt layout, pass 2: responses whose prompts ran in `shared`."""
 
-    prompt_ids: Tensor         # [k, P] long, distinct prompts, left-padded
-    prompt_mask: Tensor        # [k, P] long
-    repeats: Tensor            # [k] long, responses per prompt (sum = n)
+    shared: "SharedPrompts"
+    prompt_rows: Tensor        # [n] long, row of each response's prompt in `shared`
     continuation_ids: Tensor   # [n, T - 1] long, response tokens 0..T-2, left-aligned, pad right
     continuation_mask: Tensor  # [n, T - 1] long
     response_lengths: Tensor   # [n] long
@@ -103,24 +105,12 @@ class SharedPromptMicroBatch:
 
     @property
     def num_processed_tokens(self) -> int:
-        """Tokens the model runs over, padding included: k * P + n * (T - 1)."""
-        return self.prompt_ids.numel() + self.continuation_ids.numel()
+        """Tokens pass 2 runs over, padding included (pass 1 counts in `shared`)."""
+        return self.continuation_ids.numel()
 
     @property
     def num_real_tokens(self) -> int:
-        """Processed tokens that are not padding (each distinct prompt counted once)."""
-        return int(self.prompt_mask.sum() + self.continuation_mask.sum())
-
-
-def prompt_runs(prompts: list[list[int]]) -> list[tuple[int, int]]:
-    """(start, count) of each run of consecutive identical prompts."""
-    runs: list[tuple[int, int]] = []
-    for i, p in enumerate(prompts):
-        if runs and prompts[runs[-1][0]] == p:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
-    return runs
+        return int(self.continuation_mask.sum())
 
 
 def right_align(rows: list[list[float]], width: int, fill: float = 0.0,
@@ -175,18 +165,10 @@ def make_packed_micro_batch(prompts: list[list[int]], responses: list[list[int]]
                             as_long(dest_rows), as_long(dest_cols), response_ids, response_mask)
 
 
-def make_shared_prompt_micro_batch(prompts: list[list[int]], responses: list[list[int]],
-                                   pad_id: int) -> SharedPromptMicroBatch:
-    """Build the shared-prompt layout. Consecutive sequences with the same prompt share one
-    prompt pass (callers keep a group's samples together); every prompt must be non-empty."""
-    if any(not p for p in prompts):
-        raise ValueError("shared_prompt layout needs a non-empty prompt for every sequence")
-    runs = prompt_runs(prompts)
-    distinct = [prompts[start] for start, _ in runs]
-    P = max(len(p) for p in distinct)
+def make_response_micro_batch(shared: "SharedPrompts", prompt_rows: list[int],
+                             responses: list[list[int]], pad_id: int) -> ResponseMicroBatch:
+    """Pass-2 micro-batch: `responses[i]` continues prompt row `prompt_rows[i]` of `shared`."""
     T = max(1, max(len(r) for r in responses))
-    prompt_ids = right_align([list(map(float, p)) for p in distinct], P, pad_id, torch.long)
-    prompt_mask = right_align([[1.0] * len(p) for p in distinct], P, 0, torch.long)
     continuation_ids = torch.full((len(responses), T - 1), pad_id, dtype=torch.long)
     continuation_mask = torch.zeros((len(responses), T - 1), dtype=torch.long)
     for i, r in enumerate(responses):
@@ -196,10 +178,9 @@ def make_shared_prompt_micro_batch(prompts: list[list[int]], responses: list[lis
             continuation_mask[i, :len(head)] = 1
     response_ids = right_align([list(map(float, r)) for r in responses], T, pad_id, torch.long)
     response_mask = right_align([[1.0] * len(r) for r in responses], T, 0, torch.long).bool()
-    return SharedPromptMicroBatch(
-        prompt_ids, prompt_mask, torch.tensor([c for _, c in runs], dtype=torch.long),
-        continuation_ids, continuation_mask,
-        torch.tensor([len(r) for r in responses], dtype=torch.long), response_ids, response_mask)
+    return ResponseMicroBatch(shared, torch.tensor(prompt_rows, dtype=torch.long), continuation_ids,
+                              continuation_mask, torch.tensor([len(r) for r in responses], dtype=torch.long),
+                              response_ids, response_mask)
 
 
 LAYOUTS = ("padded", "packed", "shared_prompt")
@@ -212,8 +193,6 @@ def build_micro_batch(layout: str, prompts: list[list[int]], responses: list[lis
         return make_packed_micro_batch(prompts, responses, pad_id)
     if layout == "padded":
         return make_micro_batch(prompts, responses, pad_id)
-    if layout == "shared_prompt":
-        return make_shared_prompt_micro_batch(prompts, responses, pad_id)
     raise ValueError(f"unknown micro-batch layout {layout!r}: use one of {', '.join(LAYOUTS)}")
 
 
@@ -232,7 +211,7 @@ def _token_logprobs(logits: Tensor, targets: Tensor, temperature: float,
     return logp, entropy
 
 
-def response_logprobs(model, mb: MicroBatch | PackedMicroBatch | SharedPromptMicroBatch, temperature: float = 1.0,
+def response_logprobs(model, mb: MicroBatch | PackedMicroBatch | ResponseMicroBatch, temperature: float = 1.0,
                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs [n, T] of the response tokens (and entropies [n, T], no gradient).
 
@@ -241,8 +220,8 @@ def response_logprobs(model, mb: MicroBatch | PackedMicroBatch | SharedPromptMic
     """
     if isinstance(mb, PackedMicroBatch):
         return _packed_logprobs(model, mb, temperature, with_entropy)
-    if isinstance(mb, SharedPromptMicroBatch):
-        return _shared_prompt_logprobs(model, mb, temperature, with_entropy)
+    if isinstance(mb, ResponseMicroBatch):
+        return _response_logprobs(model, mb, temperature, with_entropy)
     T = mb.response_ids.shape[1]
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                 position_ids=mb.position_ids, logits_to_keep=T + 1, use_cache=False)
@@ -269,15 +248,53 @@ def _packed_logprobs(model, mb: PackedMicroBatch, temperature: float,
     return logp, entropy
 
 
-def _repeat_cache(cache, repeats: Tensor) -> None:
-    """Repeat every layer's cached keys/values along the batch: row j -> repeats[j] rows.
-    Not in place on the cached tensors (new tensors), so autograd reaches pass 1 through them."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise TypeError(f"shared_prompt layout: unsupported cache type {type(cache).__name__}")
-    for layer in layers:
-        layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
-        layer.values = layer.values.repeat_interleave(repeats, dim=0)
+class SharedPrompts:
+    """Pass 1 of the shared_prompt layout: distinct prompts run once, for any number of
+    response micro-batches; one backward through pass 1 at the end (`backward`).
+
+    Under `torch.no_grad()` the leaves need no gradient and `backward` does nothing.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int):
+        if any(not p for p in prompts):
+            raise ValueError("shared_prompt layout needs a non-empty prompt for every sequence")
+        P = max(len(p) for p in prompts)
+        ids = right_align([list(map(float, p)) for p in prompts], P, pad_id, torch.long)
+        mask = right_align([[1.0] * len(p) for p in prompts], P, 0, torch.long)
+        device = next(model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        layers = getattr(out.past_key_values, "layers", None)
+        if layers is None:
+            raise TypeError(f"shared_prompt layout: unsupported cache {type(out.past_key_values).__name__}")
+        self.config = model.config
+        self.prompt_mask = mask                                   # [k, P]
+        self.num_processed_tokens = ids.numel()
+        self.num_real_tokens = int(mask.sum())
+        self._outputs = [out.logits[:, -1]] + [t for layer in layers for t in (layer.keys, layer.values)]
+        # float32 leaves: gradients from many micro-batches accumulate without bf16 rounding
+        # (an output without grad_fn, e.g. layer 0's keys under LoRA on q/v only, gets none)
+        self._leaves = [t.detach().float().requires_grad_(t.requires_grad) for t in self._outputs]
+        self.first_logits = self._leaves[0]                      # [k, V]
+        self.kv = [(self._leaves[1 + 2 * i], self._leaves[2 + 2 * i]) for i in range(len(layers))]
+
+    def cache_for(self, rows: Tensor):
+        """A fresh cache holding the prompt rows `rows` [n] (differentiable w.r.t. the leaves)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        for i, (keys, values) in enumerate(self.kv):
+            cache.update(keys.index_select(0, rows), values.index_select(0, rows), i)
+        return cache
+
+    def backward(self) -> None:
+        """Send the gradients gathered on the leaves through pass 1, once; then drop pass 1."""
+        pairs = [(o, leaf.grad.to(o.dtype)) for o, leaf in zip(self._outputs, self._leaves)
+                 if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        self._outputs, self._leaves, self.kv, self.first_logits = [], [], [], None
 
 
 def _decoder_and_head(model):
@@ -294,27 +311,22 @@ def _decoder_and_head(model):
     return (decoder, head) if decoder is not None and head is not None else None
 
 
-def _shared_prompt_logprobs(model, mb: SharedPromptMicroBatch, temperature: float,
-                            with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+def _response_logprobs(model, mb: ResponseMicroBatch, temperature: float,
+                       with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    shared = mb.shared
     n, T = mb.response_mask.shape
     lengths = mb.response_lengths
-    prompt_pos = (mb.prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    first = model(input_ids=mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=prompt_pos,
-                  use_cache=True, logits_to_keep=1)
-    # Token 0 of each response is predicted by its prompt's last position.
-    rows = torch.nonzero(lengths > 0).squeeze(1)                               # [n0]
-    logits = [first.logits[:, -1].repeat_interleave(mb.repeats, dim=0)[rows]]  # [n0, V]
+    # Token 0 of each response is predicted by its prompt's last position (pass 1).
+    rows = torch.nonzero(lengths > 0).squeeze(1)                          # [n0]
+    logits = [shared.first_logits.index_select(0, mb.prompt_rows[rows])]  # [n0, V]
     cols = [T - lengths[rows]]  # right-aligned column of token 0
     all_rows = [rows]
     if T > 1:
-        cache = first.past_key_values
-        _repeat_cache(cache, mb.repeats)
-        prompt_len = mb.prompt_mask.sum(-1).repeat_interleave(mb.repeats)  # [n]
-        position_ids = prompt_len[:, None] + torch.arange(T - 1, device=prompt_len.device)
-        attention_mask = torch.cat([mb.prompt_mask.repeat_interleave(mb.repeats, dim=0),
-                                    mb.continuation_mask], dim=1)
-        kwargs = dict(input_ids=mb.continuation_ids, attention_mask=attention_mask,
-                      position_ids=position_ids, past_key_values=cache, use_cache=True)
+        prompt_mask = shared.prompt_mask.index_select(0, mb.prompt_rows)  # [n, P]
+        position_ids = prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=lengths.device)
+        kwargs = dict(input_ids=mb.continuation_ids, position_ids=position_ids,
+                      attention_mask=torch.cat([prompt_mask, mb.continuation_mask], dim=1),
+                      past_key_values=shared.cache_for(mb.prompt_rows), use_cache=True)
         # Continuation position j of row i predicts token j + 1: real where j < len_i - 1,
         # which is exactly continuation_mask.
         r, j = torch.nonzero(mb.continuation_mask, as_tuple=True)  # [K]
@@ -328,7 +340,8 @@ def _shared_prompt_logprobs(model, mb: SharedPromptMicroBatch, temperature: floa
         cols.append(T - lengths[r] + j + 1)
     rows_cat, cols_cat = torch.cat(all_rows), torch.cat(cols)
     targets = mb.response_ids[rows_cat, cols_cat]
-    flat_logp, flat_ent = _token_logprobs(torch.cat(logits), targets, temperature, with_entropy)
+    flat_logits = torch.cat([x.to(logits[-1].dtype) for x in logits])
+    flat_logp, flat_ent = _token_logprobs(flat_logits, targets, temperature, with_entropy)
     index = (rows_cat, cols_cat)
     # index_put (not in place on a leaf) keeps the autograd path from [n, T] back to [K].
     logp = flat_logp.new_zeros(n, T).index_put(index, flat_logp)

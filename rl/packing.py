@@ -6,8 +6,8 @@ Two micro-batch layouts (see rl/logprobs.py):
   small, and the token budget bounds n * L_max (what memory actually holds).
 - packed: every micro-batch is ONE row holding its sequences back to back, no padding at
   all; first-fit decreasing by real token count fills each row up to the token budget.
-- shared_prompt: micro-batches of whole prompt groups (a prompt's samples stay together and
-  share one prompt pass); see `pack_prompt_groups`.
+- shared_prompt: chunks of whole prompt groups whose distinct prompts run once
+  (`prompt_chunks`), then the chunk's responses in padded micro-batches by response length.
 """
 
 from __future__ import annotations
@@ -121,46 +121,26 @@ def attention_pairs(lengths: list[int], batches: list[list[int]], layout: str) -
     return sum(len(b) * max(lengths[i] for i in b) ** 2 for b in batches if b)
 
 
-def pack_prompt_groups(prompts: list[list[int]], response_lengths: list[int], token_budget: int,
-                       overhead_tokens: int | None = None) -> list[list[int]]:
-    """Micro-batches for the shared_prompt layout.
+def prompt_chunks(prompts: list[list[int]], token_budget: int) -> list[list[int]]:
+    """Sequence indices per prompt pass of the shared_prompt layout.
 
-    A micro-batch with k distinct prompts and n responses processes k * P_max + n * T_max
-    tokens (the prompt pass, then the responses padded to the longest). Sequences are sorted
-    by response length and cut into contiguous runs by dynamic programming, as in
-    `pack_micro_batches`, minimizing processed tokens + `overhead_tokens` (default budget / 64)
-    per micro-batch with each run's size <= token_budget: responses of similar length share a
-    micro-batch (little padding) and each prompt is paid once per micro-batch it appears in.
-    Within a micro-batch the samples of a prompt are listed consecutively, which is what lets
-    them share one prompt pass. A sequence larger than the budget gets a micro-batch of its own.
+    Sequences with the same prompt stay in one chunk; prompts are taken in order of first
+    appearance while the chunk's padded prompt pass k * P_max stays <= token_budget (a prompt
+    longer than the budget gets a chunk of its own). Pass 1's activations live until the
+    chunk's last micro-batch is done, so the budget bounds that memory too.
     """
-    overhead = token_budget // 64 if overhead_tokens is None else overhead_tokens
-    n = len(prompts)
-    keys = [tuple(p) for p in prompts]
-    order = sorted(range(n), key=lambda i: (-response_lengths[i], keys[i], i))
-    best = [0] + [float("inf")] * n
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        distinct: set[tuple[int, ...]] = set()
-        p_max = 0
-        for i in range(j - 1, -1, -1):
-            seq = order[i]
-            distinct.add(keys[seq])
-            p_max = max(p_max, len(keys[seq]))
-            # sorted by descending response length: order[i] has the run's longest response
-            size = len(distinct) * p_max + (j - i) * response_lengths[seq]
-            if size > token_budget and j - i > 1:
-                break  # the size only grows as the run extends
-            cost = best[i] + size + overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    batches: list[list[int]] = []
-    j = n
-    while j > 0:
-        run = order[cut[j]:j]
-        first_seen: dict[tuple[int, ...], int] = {}
-        for seq in run:
-            first_seen.setdefault(keys[seq], len(first_seen))
-        batches.append(sorted(run, key=lambda seq: (first_seen[keys[seq]], seq)))
-        j = cut[j]
-    return batches[::-1]
+    members: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        members.setdefault(tuple(p), []).append(i)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    k = p_max = 0
+    for key, idx in members.items():
+        if current and (k + 1) * max(p_max, len(key)) > token_budget:
+            chunks.append(current)
+            current, k, p_max = [], 0, 0
+        current += idx
+        k, p_max = k + 1, max(p_max, len(key))
+    if current:
+        chunks.append(current)
+    return chunks

@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from rl.logprobs import (make_micro_batch, make_packed_micro_batch, make_shared_prompt_micro_batch,
-                         response_logprobs, right_align)
+from rl.logprobs import (SharedPrompts, make_micro_batch, make_packed_micro_batch,
+                         make_response_micro_batch, response_logprobs, right_align)
 
 
 @pytest.fixture(scope="module")
@@ -167,37 +167,74 @@ def _grouped_batch(vocab: int, groups: int, group_size: int, seed: int, prompt_l
     return prompts, responses
 
 
+def _shared(model, prompts, responses, rows=None):
+    """Pass 1 over the distinct prompts, pass 2 over all responses (in one micro-batch)."""
+    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+    shared = SharedPrompts(model, [list(p) for p in distinct], pad_id=0)
+    rows = [distinct.index(tuple(p)) for p in prompts] if rows is None else rows
+    return shared, make_response_micro_batch(shared, rows, responses, pad_id=0)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_shared_prompt_logprobs_equal_per_sequence(tiny_model, temperature):
     prompts, responses = _grouped_batch(tiny_model.config.vocab_size, 3, 4, seed=2)
     with torch.no_grad():
         ref_logp, ref_ent = _reference(tiny_model, prompts, responses, temperature)
-        mb = make_shared_prompt_micro_batch(prompts, responses, pad_id=0)
+        shared, mb = _shared(tiny_model, prompts, responses)
         logp, ent = response_logprobs(tiny_model, mb, temperature, with_entropy=True)
-    assert mb.prompt_ids.shape[0] == 3 and mb.repeats.tolist() == [4, 4, 4]
+    assert shared.first_logits.shape[0] == 3 and mb.prompt_rows.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     T = ref_logp.shape[1]
-    assert mb.num_processed_tokens == mb.prompt_ids.numel() + 12 * (T - 1)
-    assert mb.num_processed_tokens < make_micro_batch(prompts, responses, 0).num_processed_tokens
+    assert mb.num_processed_tokens == 12 * (T - 1)
+    assert shared.num_real_tokens == sum(len(p) for p in prompts[::4])  # each prompt once
     assert torch.equal(mb.response_mask, ref_logp != 0)
     torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
 
 
 def test_shared_prompt_without_repeats_and_one_token_responses(tiny_model):
-    """Every prompt distinct (no sharing) and T = 1 (no second pass) still give the reference."""
+    """Every prompt distinct (no sharing) and T = 1 (no second pass) still give the reference;
+    so do responses listed in any order against the prompt rows."""
     prompts, responses = _random_batch(tiny_model.config.vocab_size, 5, seed=3, empty_response=False)
     one_token = [r[:1] for r in responses]
     with torch.no_grad():
         for resp in (responses, one_token):
-            mb = make_shared_prompt_micro_batch(prompts, resp, pad_id=0)
-            assert mb.repeats.tolist() == [1] * 5
+            _, mb = _shared(tiny_model, prompts, resp)
             logp, _ = response_logprobs(tiny_model, mb)
             torch.testing.assert_close(logp, _reference(tiny_model, prompts, resp)[0], atol=1e-5, rtol=0)
+        order = [3, 0, 4, 1, 2]
+        shared, _ = _shared(tiny_model, prompts, responses)
+        mb = make_response_micro_batch(shared, order, [responses[i] for i in order], pad_id=0)
+        logp, _ = response_logprobs(tiny_model, mb)
+        expected = _reference(tiny_model, [prompts[i] for i in order], [responses[i] for i in order])[0]
+        torch.testing.assert_close(logp, expected, atol=1e-5, rtol=0)
 
 
-def test_shared_prompt_rejects_empty_prompt():
+def test_shared_prompt_rejects_empty_prompt(tiny_model):
     with pytest.raises(ValueError, match="non-empty prompt"):
-        make_shared_prompt_micro_batch([[]], [[1, 2]], 0)
+        SharedPrompts(tiny_model, [[]], 0)
+
+
+def test_shared_prompt_one_backward_through_pass_1_equals_per_sequence_gradient(tiny_model_dir):
+    """Two micro-batches over one pass 1: gradients gathered on the cache leaves, sent through
+    pass 1 once, equal the gradient of the same loss over sequences run one by one."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    prompts, responses = _grouped_batch(model.config.vocab_size, 2, 3, seed=9)
+    weights = torch.randn(len(prompts), generator=torch.Generator().manual_seed(0))  # per sequence
+    shared, _ = _shared(model, prompts, responses)
+    rows = [0, 0, 0, 1, 1, 1]
+    for part in ([0, 3, 4], [1, 2, 5]):
+        mb = make_response_micro_batch(shared, [rows[i] for i in part], [responses[i] for i in part], 0)
+        logp, _ = response_logprobs(model, mb)
+        (logp.sum(-1) * weights[part]).sum().backward()
+    shared.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logp = _reference(model, prompts, responses)[0]
+    (logp.sum(-1) * weights).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
 @pytest.mark.parametrize("objective", ["grpo", "gspo"])
@@ -218,7 +255,7 @@ def test_learner_shared_prompt_gradient_equals_padded(tiny_model_dir, objective)
     learner.optimizer.zero_grad(set_to_none=True)
     shared_stats = learner.accumulate_gradients(batch)
     shared = _grads(learner.model)
-    assert shared_stats["micro_batches"] == 4
+    assert shared_stats["micro_batches"] > 1
     learner.s.layout = "padded"
     learner.optimizer.zero_grad(set_to_none=True)
     padded_stats = learner.accumulate_gradients(batch)
@@ -243,8 +280,8 @@ def test_shared_prompt_full_logits_fallback_equals_head_on_real_positions(tiny_m
 
     assert lp._decoder_and_head(tiny_model) is not None  # the tiny Qwen2 takes the fast path
     prompts, responses = _grouped_batch(tiny_model.config.vocab_size, 2, 3, seed=4)
-    mb = make_shared_prompt_micro_batch(prompts, responses, pad_id=0)
     with torch.no_grad():
+        _, mb = _shared(tiny_model, prompts, responses)
         fast, fast_ent = response_logprobs(tiny_model, mb, with_entropy=True)
         monkeypatch.setattr(lp, "_decoder_and_head", lambda model: None)
         full, full_ent = response_logprobs(tiny_model, mb, with_entropy=True)

@@ -5,10 +5,10 @@ import random
 from rl.packing import (
     attention_pairs,
     pack_micro_batches,
-    pack_prompt_groups,
     pack_sequences,
     padding_fraction,
     processed_tokens,
+    prompt_chunks,
     split_across_ranks,
 )
 
@@ -126,47 +126,31 @@ def test_processed_tokens_and_attention_pairs_worked():
     assert attention_pairs(lengths, [[0, 1, 2]], "packed") == 81
 
 
-# --- shared_prompt micro-batches: whole prompt groups, consecutive -----------------------------
+# --- shared_prompt: chunks of whole prompt groups for one prompt pass each ---------------------
 
-def _runs(prompts, idx):
-    """Number of runs of consecutive identical prompts in one micro-batch."""
-    return sum(1 for j, i in enumerate(idx) if j == 0 or prompts[idx[j - 1]] != prompts[i])
-
-
-def test_pack_prompt_groups_every_index_once_groups_together_budget_respected():
+def test_prompt_chunks_keep_groups_whole_and_bound_the_prompt_pass():
     rng = random.Random(0)
     for trial in range(30):
-        prompts, resp = [], []
-        for g in range(rng.randint(1, 10)):
+        prompts = []
+        for g in range(rng.randint(1, 12)):
             prompt = [g] * rng.randint(1, 60)
-            for _ in range(rng.randint(1, 8)):
-                prompts.append(prompt)
-                resp.append(rng.randint(0, 120))
-        order = list(range(len(prompts)))
-        rng.shuffle(order)  # groups need not arrive consecutively
-        prompts, resp = [prompts[i] for i in order], [resp[i] for i in order]
-        budget = rng.choice([200, 500, 2000])
-        batches = pack_prompt_groups(prompts, resp, budget)
-        assert sorted(i for b in batches for i in b) == list(range(len(prompts)))
-        for b in batches:
-            distinct = {tuple(prompts[i]) for i in b}
-            assert _runs(prompts, b) == len(distinct)  # each prompt's samples are consecutive
-            cost = len(distinct) * max(len(prompts[i]) for i in b) + len(b) * max(resp[i] for i in b)
-            # over the budget only when one sample alone does not fit
-            assert cost <= budget or len(b) == 1, (trial, b, cost)
+            prompts += [prompt] * rng.randint(1, 8)
+        rng.shuffle(prompts)  # groups need not arrive consecutively
+        budget = rng.choice([40, 120, 2000])
+        chunks = prompt_chunks(prompts, budget)
+        assert sorted(i for c in chunks for i in c) == list(range(len(prompts)))
+        where = {}
+        for c, chunk in enumerate(chunks):
+            for i in chunk:
+                assert where.setdefault(tuple(prompts[i]), c) == c  # a prompt's samples in one chunk
+            distinct = {tuple(prompts[i]) for i in chunk}
+            size = len(distinct) * max(len(p) for p in distinct)
+            assert size <= budget or len(distinct) == 1, (trial, size)
 
 
-def test_pack_prompt_groups_worked_example():
-    # two prompts of 10 tokens, 4 samples each. One micro-batch of all 8 processes
-    # 2 * 10 + 8 * 20 = 180 tokens (+ overhead 180 // 64 = 2); sorted by response length and cut
-    # into [20] | [8, 8, 8, 8] | [5, 5, 5] it processes (10 + 20) + (10 + 32) + (10 + 15) = 97
-    # (+ 3 * 2): less padding outweighs paying the first prompt twice.
-    prompts = [[1] * 10] * 4 + [[2] * 10] * 4
-    resp = [20, 5, 5, 5, 8, 8, 8, 8]
-    assert pack_prompt_groups(prompts, resp, 180) == [[0], [4, 5, 6, 7], [1, 2, 3]]
-    # equal response lengths: nothing to gain from cutting, one micro-batch of both prompts,
-    # each prompt's samples consecutive although they arrive interleaved
-    prompts = [[1] * 10, [2] * 10] * 3
-    assert pack_prompt_groups(prompts, [6] * 6, 100) == [[0, 2, 4, 1, 3, 5]]
-    # the budget binds: 2 * 10 + 6 * 6 = 56 > 40, so two micro-batches
-    assert sorted(map(sorted, pack_prompt_groups(prompts, [6] * 6, 40))) == [[0, 2, 4], [1, 3, 5]]
+def test_prompt_chunks_worked_example():
+    # prompts of 10, 10 and 30 tokens, 2 samples each; the pass over all three is 3 * 30 = 90
+    prompts = [[1] * 10, [1] * 10, [2] * 10, [2] * 10, [3] * 30, [3] * 30]
+    assert prompt_chunks(prompts, 90) == [[0, 1, 2, 3, 4, 5]]
+    assert prompt_chunks(prompts, 89) == [[0, 1, 2, 3], [4, 5]]
+    assert prompt_chunks(prompts, 10) == [[0, 1], [2, 3], [4, 5]]  # 30 > 10: alone
