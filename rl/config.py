@@ -188,11 +188,11 @@ class LearnerConfig:
     """Recompute activations in backward to save memory."""
     layout: str = "auto"
     """Micro-batch layout: auto (shared_prompt; padded when gradient_checkpointing is on) |
-    shared_prompt (each distinct prompt runs once and its KV cache serves its group's samples:
-    15.2 s vs padded 18.0 s per SmolLM2 update of 64 GRPO sequences on CPU; needs the KV cache,
-    so not with gradient checkpointing) | padded (length-sorted rectangles, DP-grouped) |
-    packed (one row per micro-batch, no padding, block-diagonal mask; slower than padded with
-    CPU attention kernels, for flash_attention_2 on GPU)."""
+    shared_prompt (each distinct prompt runs once per update and its KV cache serves its
+    group's samples, whose responses run in padded micro-batches; needs the KV cache, so not
+    with gradient checkpointing) | padded (length-sorted rectangles, DP-grouped) | packed (one
+    row per micro-batch, no padding, block-diagonal mask; slower than padded with CPU
+    attention kernels, meant for flash_attention_2 on GPU). Measured: docs/BENCHMARKS.md."""
     attn_implementation: str = "auto"
     """transformers attention kernel of the learner: auto (eager on CPU, ~15% faster than sdpa
     here on short sequences; sdpa on GPU) | eager | sdpa | flash_attention_2."""

@@ -1,9 +1,9 @@
 """Learner worker: the trained model, its optimizer, one update per training step.
 
 Float32 master weights; forward/backward under bf16 autocast when `model.dtype` is 16-bit
-(bf16 matmuls, fp32 accumulation and optimizer state). Micro-batches are packed rows without
-padding or length-sorted padded rectangles (`layout`, see rl/logprobs.py; padded is the default
-because it measured faster on CPU, where attention over a packed row's dense mask costs more).
+(bf16 matmuls, fp32 accumulation and optimizer state). Micro-batch layouts (`layout`, see
+rl/logprobs.py): shared_prompt (the default: a group's prompt runs once, its responses in
+padded micro-batches against its KV cache), padded rectangles, or packed rows without padding.
 Several learners form a data-parallel group (gloo on CPU, nccl on GPU): each takes a share of
 the sequences, losses are normalized by the GLOBAL token/sequence counts, and gradients are
 summed with all_reduce, so the update does not depend on how the batch was split.
@@ -28,6 +28,15 @@ from rl.logprobs import (LAYOUTS, SharedPrompts, build_micro_batch, make_micro_b
 from rl.packing import pack_micro_batches, pack_sequences, prompt_chunks
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _adamw(params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused where torch supports it: one kernel over all tensors instead of a Python
+    loop per tensor (0.05 s vs 0.4 s per step for SmolLM2's 135M parameters on this CPU)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 @dataclass
@@ -66,10 +75,9 @@ class LearnerSettings:
     micro_batch_tokens: int = 4096
     layout: str = "auto"
     """Micro-batch layout: padded (left-padded rectangle) | packed (one row, no padding) |
-    shared_prompt (each distinct prompt runs once, its KV cache serves all its samples) |
-    auto (shared_prompt, or padded under gradient checkpointing, which turns the cache off).
-    Per SmolLM2 update of 64 GRPO sequences on this CPU (eager attention): shared_prompt 15.2 s,
-    padded 18.0 s; packed rows were slower than padded (22.7 s vs 18.3 s, SDPA)."""
+    shared_prompt (each distinct prompt runs once per update, its KV cache serves all its
+    samples) | auto (shared_prompt, or padded under gradient checkpointing, which turns the
+    cache off). Speeds on this CPU: docs/BENCHMARKS.md (shared_prompt fastest, packed slowest)."""
     attn_implementation: str = "auto"
     """transformers attention kernel: auto (eager on CPU, where it beat SDPA by ~15% on these
     short sequences, forward + backward; sdpa on GPU) | eager | sdpa | flash_attention_2."""
@@ -134,7 +142,7 @@ class Learner:
             model.gradient_checkpointing_enable()
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizer = _adamw(self.params, settings.lr, settings.weight_decay)
         warmup = max(1, settings.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
