@@ -14,11 +14,10 @@ A plain class, so tests run it without Ray; `rl.actors` wraps it as a Ray actor.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import copy
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -226,7 +225,7 @@ class Learner:
                 idx = [chunk[j] for j in group]
                 mb = self._to_device(make_response_micro_batch(
                     shared, [rows[tuple(prompts[i])] for i in idx], [responses[i] for i in idx], self.pad_id))
-                yield idx, mb, (dataclasses.replace(mb, shared=ref_shared) if with_ref else None), counts
+                yield idx, mb, (replace(mb, shared=ref_shared) if with_ref else None), counts
                 counts = (0, 0)
             shared.backward()
 

@@ -193,6 +193,8 @@ def build_micro_batch(layout: str, prompts: list[list[int]], responses: list[lis
         return make_packed_micro_batch(prompts, responses, pad_id)
     if layout == "padded":
         return make_micro_batch(prompts, responses, pad_id)
+    if layout == "shared_prompt":
+        raise ValueError("shared_prompt micro-batches come from SharedPrompts + make_response_micro_batch")
     raise ValueError(f"unknown micro-batch layout {layout!r}: use one of {', '.join(LAYOUTS)}")
 
 

@@ -102,25 +102,6 @@ def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
     return 0.0 if processed == 0 else (processed - real) / processed
 
 
-def processed_tokens(lengths: list[int], batches: list[list[int]], layout: str) -> int:
-    """Tokens the model runs over: n * max_len per padded micro-batch, the real sum when packed."""
-    if layout == "packed":
-        return sum(lengths[i] for b in batches for i in b)
-    return sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
-
-
-def attention_pairs(lengths: list[int], batches: list[list[int]], layout: str) -> int:
-    """Query-key pairs a dense-mask attention kernel computes per layer and head.
-
-    Packing removes padding but, with a dense [S, S] mask (SDPA on CPU), every row pays
-    S^2 attention where separate sequences would pay sum L_i^2: the cost packing trades for
-    its saved padding. Padded micro-batches pay n * L_max^2.
-    """
-    if layout == "packed":
-        return sum(sum(lengths[i] for i in b) ** 2 for b in batches)
-    return sum(len(b) * max(lengths[i] for i in b) ** 2 for b in batches if b)
-
-
 def prompt_chunks(prompts: list[list[int]], token_budget: int) -> list[list[int]]:
     """Sequence indices per prompt pass of the shared_prompt layout.
 
