@@ -42,7 +42,7 @@ from torch import Tensor
 
 
 class _TokenCounts:
-    """Counts shared by both layouts (they hold `input_ids` and `response_mask`)."""
+    """Counts shared by the padded and packed layouts (they hold `input_ids` and `response_mask`)."""
 
     @property
     def num_response_tokens(self) -> int:
@@ -123,6 +123,13 @@ def right_align(rows: list[list[float]], width: int, fill: float = 0.0,
     return out
 
 
+def _right_aligned_responses(responses: list[list[int]], T: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """response_ids [n, T] long (right-aligned, pad elsewhere) and response_mask [n, T] bool."""
+    response_ids = right_align([list(map(float, r)) for r in responses], T, pad_id, torch.long)
+    response_mask = right_align([[1.0] * len(r) for r in responses], T, 0, torch.long).bool()
+    return response_ids, response_mask
+
+
 def make_micro_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> MicroBatch:
     """Build the left-padded layout from token-id lists (responses may be empty)."""
     full = [p + r for p, r in zip(prompts, responses)]
@@ -131,8 +138,7 @@ def make_micro_batch(prompts: list[list[int]], responses: list[list[int]], pad_i
     input_ids = right_align([list(map(float, x)) for x in full], width, pad_id, torch.long)
     attention_mask = right_align([[1.0] * len(x) for x in full], width, 0, torch.long)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    response_ids = right_align([list(map(float, r)) for r in responses], T, pad_id, torch.long)
-    response_mask = right_align([[1.0] * len(r) for r in responses], T, 0, torch.long).bool()
+    response_ids, response_mask = _right_aligned_responses(responses, T, pad_id)
     return MicroBatch(input_ids, attention_mask, position_ids, response_ids, response_mask)
 
 
@@ -157,8 +163,7 @@ def make_packed_micro_batch(prompts: list[list[int]], responses: list[list[int]]
         logits_index += range(first, first + len(r))
         dest_rows += [row] * len(r)
         dest_cols += range(T - len(r), T)
-    response_ids = right_align([list(map(float, r)) for r in responses], T, pad_id, torch.long)
-    response_mask = right_align([[1.0] * len(r) for r in responses], T, 0, torch.long).bool()
+    response_ids, response_mask = _right_aligned_responses(responses, T, pad_id)
     targets = response_ids[dest_rows, dest_cols] if dest_rows else torch.zeros(0, dtype=torch.long)
     as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return PackedMicroBatch(as_long([ids]), as_long([pos]), as_long(logits_index), targets,
@@ -176,8 +181,7 @@ def make_response_micro_batch(shared: "SharedPrompts", prompt_rows: list[int],
         if head:
             continuation_ids[i, :len(head)] = torch.as_tensor(head, dtype=torch.long)
             continuation_mask[i, :len(head)] = 1
-    response_ids = right_align([list(map(float, r)) for r in responses], T, pad_id, torch.long)
-    response_mask = right_align([[1.0] * len(r) for r in responses], T, 0, torch.long).bool()
+    response_ids, response_mask = _right_aligned_responses(responses, T, pad_id)
     return ResponseMicroBatch(shared, torch.tensor(prompt_rows, dtype=torch.long), continuation_ids,
                               continuation_mask, torch.tensor([len(r) for r in responses], dtype=torch.long),
                               response_ids, response_mask)
@@ -218,7 +222,7 @@ def response_logprobs(model, mb: MicroBatch | PackedMicroBatch | ResponseMicroBa
     """Log-probs [n, T] of the response tokens (and entropies [n, T], no gradient).
 
     Logits are divided by `temperature` so the learner scores the distribution the rollout
-    sampled from. Masked positions hold 0. Same result for both layouts.
+    sampled from. Masked positions hold 0. Same result for every layout.
     """
     if isinstance(mb, PackedMicroBatch):
         return _packed_logprobs(model, mb, temperature, with_entropy)
@@ -235,6 +239,15 @@ def response_logprobs(model, mb: MicroBatch | PackedMicroBatch | ResponseMicroBa
     return logp, entropy
 
 
+def _scatter_rows(flat_logp: Tensor, flat_ent: Tensor | None, n: int, T: int,
+                  index: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """[K] values -> [n, T] at (rows, cols) = index, 0 elsewhere. index_put (not in place on a
+    leaf) keeps the autograd path from [n, T] back to [K]."""
+    logp = flat_logp.new_zeros(n, T).index_put(index, flat_logp)
+    entropy = flat_ent.new_zeros(n, T).index_put(index, flat_ent) if flat_ent is not None else None
+    return logp, entropy
+
+
 def _packed_logprobs(model, mb: PackedMicroBatch, temperature: float,
                      with_entropy: bool) -> tuple[Tensor, Tensor | None]:
     # use_cache=False matters: with a cache object transformers skips packed-sequence
@@ -242,12 +255,7 @@ def _packed_logprobs(model, mb: PackedMicroBatch, temperature: float,
     out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
                 logits_to_keep=mb.logits_index, use_cache=False)
     flat_logp, flat_ent = _token_logprobs(out.logits[0], mb.targets, temperature, with_entropy)  # [K]
-    n, T = mb.response_mask.shape
-    index = (mb.dest_rows, mb.dest_cols)
-    # index_put (not in-place on a leaf) keeps the autograd path from [n, T] back to [K].
-    logp = flat_logp.new_zeros(n, T).index_put(index, flat_logp)
-    entropy = flat_ent.new_zeros(n, T).index_put(index, flat_ent) if flat_ent is not None else None
-    return logp, entropy
+    return _scatter_rows(flat_logp, flat_ent, *mb.response_mask.shape, (mb.dest_rows, mb.dest_cols))
 
 
 class SharedPrompts:
@@ -260,12 +268,10 @@ class SharedPrompts:
     def __init__(self, model, prompts: list[list[int]], pad_id: int):
         if any(not p for p in prompts):
             raise ValueError("shared_prompt layout needs a non-empty prompt for every sequence")
-        P = max(len(p) for p in prompts)
-        ids = right_align([list(map(float, p)) for p in prompts], P, pad_id, torch.long)
-        mask = right_align([[1.0] * len(p) for p in prompts], P, 0, torch.long)
+        rows = make_micro_batch(prompts, [[] for _ in prompts], pad_id)  # left-padded prompts
         device = next(model.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        ids, mask = rows.input_ids.to(device), rows.attention_mask.to(device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=rows.position_ids.to(device),
                     use_cache=True, logits_to_keep=1)
         layers = getattr(out.past_key_values, "layers", None)
         if layers is None:
@@ -344,8 +350,4 @@ def _response_logprobs(model, mb: ResponseMicroBatch, temperature: float,
     targets = mb.response_ids[rows_cat, cols_cat]
     flat_logits = torch.cat([x.to(logits[-1].dtype) for x in logits])
     flat_logp, flat_ent = _token_logprobs(flat_logits, targets, temperature, with_entropy)
-    index = (rows_cat, cols_cat)
-    # index_put (not in place on a leaf) keeps the autograd path from [n, T] back to [K].
-    logp = flat_logp.new_zeros(n, T).index_put(index, flat_logp)
-    entropy = flat_ent.new_zeros(n, T).index_put(index, flat_ent) if flat_ent is not None else None
-    return logp, entropy
+    return _scatter_rows(flat_logp, flat_ent, n, T, (rows_cat, cols_cat))
