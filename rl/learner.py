@@ -356,8 +356,45 @@ class Learner:
         dtype = _DTYPES[self.s.dtype]
         if getattr(self, "_packer", None) is None:
             self._packer = FlatPacker(dtype)
-        named = self._merged_lora_weights(dtype) if self.s.lora_rank > 0 else self._full_weights()
-        return self._packer.pack(named)
+        return self._packer.pack(self._weights_to_send(dtype))
+
+    def _weights_to_send(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """HF-named weights the rollout engines load (fp32 masters, cast on the way; LoRA merged)."""
+        return self._merged_lora_weights(dtype) if self.s.lora_rank > 0 else self._full_weights()
+
+    # --- collective broadcast to the rollout engines (rollout/weight_broadcast.py) ---------
+
+    def weight_broadcast_endpoint(self) -> dict:
+        """Where the broadcast group meets: this node's address, a free port (rank 0 hosts the
+        group's store there) and the backend (nccl when the weights are on a GPU, else gloo)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return {"master_address": ray.util.get_node_ip_address(), "master_port": port,
+                "backend": "nccl" if self.device.type == "cuda" else "gloo"}
+
+    def join_weight_broadcast(self, master_address: str, master_port: int, backend: str,
+                              world_size: int, bucket_bytes: int) -> None:
+        """Open the broadcast group as its rank 0; blocks until the rollout engines have joined."""
+        from rollout.weight_broadcast import WeightBroadcaster, open_group
+
+        group = open_group(master_address, master_port, 0, world_size, backend)
+        self._broadcaster = WeightBroadcaster(group, self.device, bucket_bytes)
+
+    def weight_metas(self) -> list:
+        """What `broadcast_weights` sends, in order (names, rollout dtype, shapes)."""
+        from rollout.weight_broadcast import describe
+
+        dtype = _DTYPES[self.s.dtype]
+        return describe(self._weights_to_send(dtype), dtype)
+
+    def broadcast_weights(self) -> dict[str, float]:
+        """Send the weights to every rollout engine of the group (they run `receive_weight_broadcast`)."""
+        return self._broadcaster.send(self._weights_to_send(_DTYPES[self.s.dtype]), _DTYPES[self.s.dtype])
 
     def _full_weights(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()

@@ -9,9 +9,8 @@ left are the cast (fp32 master -> bf16), the store write, and vLLM's own load in
 parameters. A dict of torch tensors, by contrast, goes through pickle and is rebuilt
 tensor by tensor.
 
-GPU path (not implemented here, not tested): vLLM's weight-transfer engines (NCCL broadcast
-from the learner rank to the rollout workers, CUDA IPC handles when colocated), in buckets,
-then `reload_weights`; the bytes never leave GPU memory.
+GPU path: rollout/weight_broadcast.py (a bucketed NCCL broadcast from learner rank 0 through
+vLLM's weight-transfer API; the bytes never leave GPU memory).
 """
 
 from __future__ import annotations
@@ -128,13 +127,19 @@ def load_weights_into_worker(worker: Any, named_tensors: dict) -> int:
     Re-running the lm_head's post-load processing repacks it from the shared weight.
     """
     worker.reload_weights(weights_iterator=iter(named_tensors.items()))
+    repack_tied_lm_head(worker)
+    return len(named_tensors)
+
+
+def repack_tied_lm_head(worker: Any) -> None:
+    """Rebuild a tied lm_head's kernel copy from the embedding (see load_weights_into_worker);
+    needed after any in-place reload, whichever transport brought the weights."""
     model = worker.model_runner.get_model()
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         lm_head = getattr(model, "lm_head", None)
         method = getattr(lm_head, "quant_method", None)
         if method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(lm_head)
-    return len(named_tensors)
 
 
 def lm_head_staleness(worker: Any) -> float:

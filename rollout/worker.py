@@ -43,6 +43,9 @@ class RolloutWorker:
         kv_budget_tokens: KV tokens the policy may fill; None derives it from the engine's cache.
         slots: most sequences in flight; None = the engine's max_num_seqs.
         logits_processors: vLLM V1 logits processor classes (e.g. HAPO's adaptive temperature).
+        weight_broadcast: give the engine a weight-transfer endpoint so that it can receive
+            weights by collective broadcast (`join_weight_broadcast`, rollout/weight_broadcast.py):
+            the GPU sync path. Off, weights come through `load_weights` (object store).
         engine_kwargs: further `EngineArgs` (e.g. block_size, max_num_seqs,
             num_gpu_blocks_override to give the engine exactly a given KV cache); they win.
     """
@@ -61,6 +64,7 @@ class RolloutWorker:
         slots: int | None = None,
         logits_processors: list | None = None,
         num_threads: int | None = None,
+        weight_broadcast: bool = False,
         engine_kwargs: dict | None = None,
     ):
         _configure_vllm_env(num_threads)
@@ -80,6 +84,11 @@ class RolloutWorker:
             logits_processors=logits_processors or None,
             disable_log_stats=True,
         )
+        if weight_broadcast:
+            from rollout.weight_broadcast import ENGINE_BACKEND, register_engine
+
+            register_engine()  # before the engine builds its (in-process) worker
+            args["weight_transfer_config"] = {"backend": ENGINE_BACKEND}
         args.update(engine_kwargs or {})
         self.engine = LLMEngine.from_engine_args(EngineArgs(**args))
         self.tokenizer = self.engine.get_tokenizer()
@@ -160,6 +169,29 @@ class RolloutWorker:
         self.engine.reset_prefix_cache()
         nbytes = sum(t.numel() * t.element_size() for t in named_tensors.values())
         return {"seconds": time.perf_counter() - start, "bytes": float(nbytes)}
+
+    def join_weight_broadcast(self, master_address: str, master_port: int, rank: int, world_size: int,
+                              backend: str, bucket_bytes: int) -> None:
+        """Join the learner's broadcast group as `rank` (1..workers); blocks until every member
+        (learner rank 0 included) has joined, so call it on all of them at once."""
+        info = dict(master_address=master_address, master_port=master_port, rank=rank,
+                    world_size=world_size, backend=backend, bucket_bytes=bucket_bytes)
+        self.engine.collective_rpc("init_weight_transfer_engine", args=(info,))
+
+    def receive_weight_broadcast(self, metas: list) -> dict[str, float]:
+        """Receive one broadcast of the weights `metas` (`weight_broadcast.TensorMeta`, in the
+        sender's order) and load them; runs while learner rank 0 runs `broadcast_weights`."""
+        from rollout.weights import repack_tied_lm_head
+
+        start = time.perf_counter()
+        update = dict(names=[m.name for m in metas], dtype_names=[m.dtype for m in metas],
+                      shapes=[list(m.shape) for m in metas])
+        self.engine.collective_rpc("start_weight_update")
+        self.engine.collective_rpc("update_weights", args=(update,))
+        self.engine.collective_rpc("finish_weight_update")
+        self.engine.collective_rpc(repack_tied_lm_head)
+        self.engine.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        return {"seconds": time.perf_counter() - start, "bytes": float(sum(m.nbytes for m in metas))}
 
     def canary(self, prompt_ids: list[int], num_tokens: int = 16) -> tuple[list[int], list[float]]:
         """Sample `num_tokens` tokens after `prompt_ids`; return them with the engine's log-probs.
