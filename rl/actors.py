@@ -34,6 +34,15 @@ def _actor_options(config: Config) -> dict:
     return {"num_gpus": 1 if gpus >= needed else gpus / needed, "num_cpus": 1}
 
 
+def weight_sync_method(config: Config) -> str:
+    """`rollout.weight_sync` with auto resolved: broadcast (NCCL) on a cluster with GPUs, where
+    the weights then never leave GPU memory; object_store on CPU, where it is the faster path."""
+    method = config.rollout.weight_sync
+    if method == "auto":
+        return "broadcast" if ray.cluster_resources().get("GPU", 0) else "object_store"
+    return method
+
+
 @ray.remote
 class RolloutActor(RolloutWorker):
     """A RolloutWorker in its own process."""
@@ -76,6 +85,7 @@ class RolloutGroup:
                 gpu_memory_utilization=r.gpu_memory_utilization,
                 seed=(r.seed if r.seed is not None else seed) + 1000 * i,
                 enforce_eager=r.enforce_eager, logits_processors=logits_processors,
+                weight_broadcast=weight_sync_method(config) == "broadcast",
                 **scheduler_options(config))
             for i in range(r.workers)
         ]

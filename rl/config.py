@@ -115,8 +115,16 @@ class RolloutConfig:
     """Engine seed; null derives it from trainer.seed and the worker index."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Infinite Sampling admission control inside each worker."""
+    weight_sync: str = "auto"
+    """How new weights reach the engines every step: object_store (one flat buffer through Ray's shared-memory object store; the CPU path), broadcast (bucketed collective broadcast from learner rank 0 through vLLM's weight-transfer API: NCCL on GPU, gloo on CPU), auto (broadcast when the cluster has GPUs, else object_store)."""
+    weight_bucket_mb: float = 256.0
+    """broadcast: MiB per bucket (two buckets in flight on the sender, one being loaded per engine)."""
 
     def __post_init__(self):
+        _choice("rollout.weight_sync", self.weight_sync, ("auto", "object_store", "broadcast"))
+        if self.weight_bucket_mb * 2**20 < 1:
+            raise ConfigError(f"rollout.weight_bucket_mb = {self.weight_bucket_mb} must be > 0 (MiB per broadcast "
+                              "bucket; 256 is a good size).")
         _positive("rollout.workers", self.workers)
         _positive("rollout.group_size", self.group_size)
         _positive("rollout.max_new_tokens", self.max_new_tokens)

@@ -44,7 +44,8 @@ class Trainer:
         from omegaconf import OmegaConf
 
         from rewards import RewardExecutor
-        from rl.actors import LearnerGroup, RolloutGroup
+        from rl.actors import LearnerGroup, RolloutGroup, weight_sync_method
+        from rl.weight_sync import WeightSync
 
         self.p = prepared
         self.config = c = prepared.config
@@ -84,6 +85,8 @@ class Trainer:
         self.rollout = RolloutGroup(c, prepared.model_path, rollout_seed,
                                     logits_processors=[self.rollout_processor] if self.rollout_processor else None)
         self.learners = LearnerGroup(c, settings)
+        self.weight_sync = WeightSync(weight_sync_method(c), self.learners.rank0, self.rollout.workers,
+                                      int(c.rollout.weight_bucket_mb * 2**20))
         if resume:
             self.learners.call_all("load_training_state", resume)
         self.rewards = RewardExecutor(prepared.reward_fns, timeout_s=c.reward.timeout_s,
@@ -299,24 +302,14 @@ class Trainer:
     # --- weights ----------------------------------------------------------------------
 
     def sync_weights(self) -> dict:
-        """Learner rank 0 -> every rollout worker, then verify on a canary prompt.
-
-        CPU: one flat buffer per dtype through Ray's shared-memory object store, read zero-copy
-        by the workers (rollout/weights.py). On GPU vLLM's NCCL weight transfer is the path to
-        use instead (documented in docs/BENCHMARKS.md, not implemented or tested here).
-        """
+        """Learner rank 0 -> every rollout worker (rollout.weight_sync: Ray's shared-memory
+        object store on CPU, NCCL broadcast on GPU; rl/weight_sync.py), then verify on a
+        canary prompt."""
         t0 = time.perf_counter()
-        weights = self.learners.rank0.export_flat_weights.remote()
-        ray.wait([weights], fetch_local=False)
-        t_export = time.perf_counter() - t0
-        loads = ray.get([w.load_weights.remote(weights) for w in self.rollout.workers])
-        del weights
-        seconds = time.perf_counter() - t0
+        metrics = self.weight_sync.transfer()
         max_diff, mean_diff = self.verify_sync()
-        return {"sync/seconds": seconds, "sync/bytes": loads[0]["bytes"], "sync/export_seconds": t_export,
-                "sync/load_seconds": max(x["seconds"] for x in loads),
-                "sync/gb_per_s": loads[0]["bytes"] / max(seconds, 1e-9) / 1e9, "sync/max_logprob_diff": max_diff,
-                "sync/mean_logprob_diff": mean_diff, "time/sync": time.perf_counter() - t0}
+        return {**metrics, "sync/max_logprob_diff": max_diff, "sync/mean_logprob_diff": mean_diff,
+                "time/sync": time.perf_counter() - t0}
 
     def verify_sync(self) -> tuple[float, float]:
         diffs = []

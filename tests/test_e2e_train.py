@@ -109,3 +109,19 @@ def test_resume_continues_step_data_and_optimizer(trained, tiny_model_dir):
     opt = torch.load(run / "checkpoints" / "step_3" / "optimizer.pt", weights_only=False)
     steps = {int(s["step"]) for s in opt["optimizer"]["state"].values()}
     assert steps == {3}  # AdamW moments continued from step 2's state
+
+
+def test_broadcast_sync_to_two_engines_from_two_learners(tmp_path, tiny_model_dir):
+    """rollout.weight_sync=broadcast (the GPU path, gloo here): learner rank 0 of two data-parallel
+    learners broadcasts ~52 KB buckets to two rollout engines; every step's canary check passes
+    on both engines (float32: 1e-3), so both received every bucket in the right place."""
+    (tmp_path / "reward.py").write_text(REWARD_FILE)
+    _train(tmp_path, tiny_model_dir, "trainer.total_steps=2", "trainer.checkpoint_every=0",
+           "rollout.weight_sync=broadcast", "rollout.weight_bucket_mb=0.05",
+           "rollout.workers=2", "learner.workers=2", "data.prompts_per_step=4")
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["grad_norm"] > 0
+        assert row["sync/max_logprob_diff"] < 1e-3
+        assert row["sync/bytes"] > 100_000

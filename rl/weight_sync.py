@@ -1,0 +1,64 @@
+"""Moving the learner's weights to every rollout engine, by the method `rollout.weight_sync` names.
+
+object_store: learner rank 0 casts its weights into one flat buffer, Ray's shared-memory object
+    store carries it, each engine reads it zero-copy and reloads (rollout/weights.py). Fastest
+    on one CPU node.
+broadcast: learner rank 0 and the engines form one process group at start-up; every sync is a
+    bucketed broadcast that each engine loads as it arrives, through vLLM's weight-transfer
+    API (rollout/weight_broadcast.py). NCCL on GPU, so the weights never leave GPU memory.
+
+Either way the caller verifies the result (Trainer.verify_sync).
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+
+class WeightSync:
+    """Learner rank 0 -> rollout engines; `transfer()` once per step."""
+
+    def __init__(self, method: str, learner, rollout_workers: list, bucket_bytes: int):
+        if method not in ("object_store", "broadcast"):
+            raise ValueError(f"weight sync method {method!r}: use object_store or broadcast")
+        self.method = method
+        self.learner = learner
+        self.workers = rollout_workers
+        self.metas: list = []
+        if method == "broadcast":
+            self._join(bucket_bytes)
+
+    def _join(self, bucket_bytes: int) -> None:
+        """Form the group: learner rank 0 is group rank 0, engine i is group rank i + 1. Every
+        member blocks in the rendezvous until all have arrived, hence one ray.get for all."""
+        ep = ray.get(self.learner.weight_broadcast_endpoint.remote())
+        world_size = 1 + len(self.workers)
+        ray.get([self.learner.join_weight_broadcast.remote(ep["master_address"], ep["master_port"], ep["backend"],
+                                                           world_size, bucket_bytes)]
+                + [w.join_weight_broadcast.remote(ep["master_address"], ep["master_port"], i + 1, world_size,
+                                                  ep["backend"], bucket_bytes)
+                   for i, w in enumerate(self.workers)])
+        self.backend = ep["backend"]
+        # The set of tensors never changes during a run: the receivers' bucket plans are fixed.
+        self.metas = ray.get(self.learner.weight_metas.remote())
+
+    def transfer(self) -> dict[str, float]:
+        """Send the current weights; sync/* metrics (seconds, bytes, GB/s, send and load parts)."""
+        t0 = time.perf_counter()
+        if self.method == "broadcast":
+            receives = [w.receive_weight_broadcast.remote(self.metas) for w in self.workers]
+            sent, *loads = ray.get([self.learner.broadcast_weights.remote()] + receives)
+            t_export = sent["seconds"]
+        else:
+            weights = self.learner.export_flat_weights.remote()
+            ray.wait([weights], fetch_local=False)
+            t_export = time.perf_counter() - t0
+            loads = ray.get([w.load_weights.remote(weights) for w in self.workers])
+            del weights
+        seconds = time.perf_counter() - t0
+        nbytes = loads[0]["bytes"]
+        return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/export_seconds": t_export,
+                "sync/load_seconds": max(x["seconds"] for x in loads),
+                "sync/gb_per_s": nbytes / max(seconds, 1e-9) / 1e9}
