@@ -35,11 +35,18 @@ def _actor_options(config: Config) -> dict:
 
 
 def weight_sync_method(config: Config) -> str:
-    """`rollout.weight_sync` with auto resolved: broadcast (NCCL) on a cluster with GPUs, where
-    the weights then never leave GPU memory; object_store on CPU, where it is the faster path."""
+    """`rollout.weight_sync` with auto resolved.
+
+    broadcast (NCCL) when every rollout and learner actor has a GPU of its own: the weights
+    then never leave GPU memory. object_store otherwise: on CPU it is the faster path, and
+    actors that share a GPU cannot form an NCCL group (NCCL refuses two ranks on one device),
+    so colocated weights go through host memory.
+    """
     method = config.rollout.weight_sync
     if method == "auto":
-        return "broadcast" if ray.cluster_resources().get("GPU", 0) else "object_store"
+        gpus = ray.cluster_resources().get("GPU", 0)
+        own_gpu_each = gpus >= config.rollout.workers + config.learner.workers
+        return "broadcast" if gpus and own_gpu_each else "object_store"
     return method
 
 

@@ -116,7 +116,7 @@ class RolloutConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Infinite Sampling admission control inside each worker."""
     weight_sync: str = "auto"
-    """How new weights reach the engines every step: object_store (one flat buffer through Ray's shared-memory object store; the CPU path), broadcast (bucketed collective broadcast from learner rank 0 through vLLM's weight-transfer API: NCCL on GPU, gloo on CPU), auto (broadcast when the cluster has GPUs, else object_store)."""
+    """How new weights reach the engines every step: object_store (one flat buffer through Ray's shared-memory object store; the CPU path), broadcast (bucketed collective broadcast from learner rank 0 through vLLM's weight-transfer API: NCCL on GPU, gloo on CPU), auto (broadcast when every rollout and learner actor gets a GPU of its own, else object_store: NCCL cannot join two actors sharing one GPU)."""
     weight_bucket_mb: float = 256.0
     """broadcast: MiB per bucket (two buckets in flight on the sender, one being loaded per engine)."""
 

@@ -150,6 +150,8 @@ class WeightBroadcaster:
             for work in in_flight:
                 if work is not None:
                     work.wait()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # NCCL's wait() only orders streams; time the transfer
         nbytes = sum(b.nbytes for b in buckets)
         return {"seconds": time.perf_counter() - start, "bytes": float(nbytes), "buckets": float(len(buckets))}
 

@@ -93,3 +93,20 @@ def test_broadcast_delivers_every_tensor_cast_and_intact():
     for name, got in loaded:
         assert got.dtype == torch.bfloat16
         assert torch.equal(got, weights[name].to(torch.bfloat16)), name  # the second sync, bit for bit
+
+
+@pytest.mark.parametrize("gpus, overrides, expected", [
+    (0, [], "object_store"),                                         # CPU
+    (1, [], "object_store"),                                         # 1 GPU shared by rollout + learner
+    (2, [], "broadcast"),                                            # one GPU each
+    (8, ["rollout.workers=4", "learner.workers=4"], "broadcast"),    # configs/gpu/qwen3_1.7b_multi.yaml
+    (4, ["rollout.workers=4", "learner.workers=4"], "object_store"),  # shared GPUs
+    (0, ["rollout.weight_sync=broadcast"], "broadcast"),             # explicit wins (gloo on CPU)
+    (8, ["rollout.weight_sync=object_store"], "object_store"),
+])
+def test_auto_weight_sync_needs_a_gpu_per_actor(monkeypatch, gpus, overrides, expected):
+    import rl.actors
+    from rl.config import load_config
+
+    monkeypatch.setattr(rl.actors.ray, "cluster_resources", lambda: {"GPU": gpus} if gpus else {})
+    assert rl.actors.weight_sync_method(load_config(None, overrides)) == expected
