@@ -115,7 +115,7 @@ def test_sync_bench_toy(tmp_path):
     result = json.loads((out / "sync.json").read_text())
     assert result["memcpy_gbps"] > 0 and (out / "sync.png").exists()
     transports = {r["transport"] for r in result["summary"]}
-    assert transports == {"flat", "legacy"}
+    assert transports == {"flat", "broadcast", "legacy"}
     for row in result["summary"]:
         assert row["GB/s"] > 0 and row["canary_diff_after"] <= 0.5
         assert row["canary_diff_before"] > row["canary_diff_after"]  # the check sees perturbed weights

@@ -12,11 +12,12 @@ canary prompt (the check training runs after every sync), timing:
   receive  the same object moved to the worker without loading it (transport alone)
   profile  one more flat load under cProfile: where the load's time goes (printed, in the JSON)
 
-next to the old path (a dict of torch tensors pickled through the store, same reload) and the
-machine's memcpy bandwidth measured in the same run (best of 5 `dst.copy_(src)` of
---memcpy-mb MiB), the physical bound of any same-node transport.
-
-GPU: not measured here; there vLLM's NCCL weight transfer is the path (docs/BENCHMARKS.md).
+next to the `broadcast` path (rollout.weight_sync: broadcast, the GPU default: a bucketed
+collective broadcast from the learner that the engine loads as it arrives; NCCL on GPU, gloo
+here; export = the sender's cast + send, load = the engine's receive + load), the old path (a
+dict of torch tensors pickled through the store, same reload) and the machine's memcpy
+bandwidth measured in the same run (best of 5 `dst.copy_(src)` of --memcpy-mb MiB), the
+physical bound of any same-node transport.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from rl.bench.table import print_table
 
 DEFAULT_SIZES = "256x2,512x4,1024x8"
+TRANSPORTS = ("flat", "broadcast", "legacy")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-demo", action="store_true", help="skip SmolLM2-135M-Instruct")
     p.add_argument("--repeats", type=int, default=3, help="syncs per model (each verified)")
     p.add_argument("--no-legacy", action="store_true", help="skip the old dict-of-tensors path")
+    p.add_argument("--no-broadcast", action="store_true", help="skip the collective broadcast path")
+    p.add_argument("--bucket-mb", type=float, default=256.0, help="broadcast bucket size (rollout.weight_bucket_mb)")
     p.add_argument("--memcpy-mb", type=int, default=512, help="MiB copied to measure memcpy bandwidth")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--gpu-memory-utilization", type=float, default=0.1,
@@ -113,6 +117,13 @@ def _canary_diff(learner, worker, canary_ids: list[int]) -> float:
     return max(abs(a - b) for a, b in zip(rollout_lp, learner_lp))
 
 
+def _check_canary(learner, worker, canary_ids: list[int], tolerance: float, label: str) -> float:
+    after = _canary_diff(learner, worker, canary_ids)
+    if after > tolerance:  # recorded, not raised: the table shows it next to the other paths
+        print(f"  {label}: canary max |diff| {after:.3g} > tolerance {tolerance}", flush=True)
+    return after
+
+
 def bench_model(name: str, path: str, args, classes) -> dict:
     import ray
     from transformers import AutoTokenizer
@@ -120,22 +131,35 @@ def bench_model(name: str, path: str, args, classes) -> dict:
     from rl.actors import ACTOR_ENV, _actor_options
     from rl.config import Config
     from rl.learner import LearnerSettings
+    from rl.weight_sync import WeightSync
 
     BenchLearner, BenchRollout = classes
     opts = {**_actor_options(Config()), "runtime_env": {"env_vars": ACTOR_ENV}}  # one learner, one worker
     learner = BenchLearner.options(**opts).remote(LearnerSettings(model_path=path, dtype=args.dtype))
     worker = BenchRollout.options(**opts).remote(path, dtype=args.dtype, max_model_len=256,
-                                                 gpu_memory_utilization=args.gpu_memory_utilization)
+                                                 gpu_memory_utilization=args.gpu_memory_utilization,
+                                                 weight_broadcast=not args.no_broadcast)
     ray.get(worker.ready.remote())
+    broadcast = None if args.no_broadcast else WeightSync("broadcast", learner, [worker], int(args.bucket_mb * 2**20))
     canary_ids = AutoTokenizer.from_pretrained(path)("Count from one to ten:")["input_ids"]
     tolerance = 1e-3 if args.dtype == "float32" else 0.5  # trainer.sync_tolerance defaults
     rows = []
     try:
         paths = [("flat", "export_flat_weights")] + ([] if args.no_legacy else [("legacy", "export_weights")])
+        paths += [] if broadcast is None else [("broadcast", None)]
         for rep in range(args.repeats):
             for transport, method in paths:
                 ray.get(learner.perturb.remote(0.05, rep))
                 before = _canary_diff(learner, worker, canary_ids)
+                if method is None:  # broadcast: no object to time apart from its loading
+                    m = broadcast.transfer()
+                    rows.append({"transport": transport, "repeat": rep, "bytes": m["sync/bytes"],
+                                 "export_s": m["sync/export_seconds"], "load_s": m["sync/load_seconds"],
+                                 "total_s": m["sync/seconds"], "receive_s": None,
+                                 "canary_diff_before": before,
+                                 "canary_diff_after": _check_canary(learner, worker, canary_ids, tolerance,
+                                                                    f"{name}/{transport}")})
+                    continue
                 t0 = time.perf_counter()
                 ref = getattr(learner, method).remote()
                 ray.wait([ref], fetch_local=False)
@@ -145,9 +169,7 @@ def bench_model(name: str, path: str, args, classes) -> dict:
                 t1 = time.perf_counter()
                 ray.get(worker.receive.remote(ref))
                 receive = time.perf_counter() - t1
-                after = _canary_diff(learner, worker, canary_ids)
-                if after > tolerance:  # recorded, not raised: the table shows it next to the other path
-                    print(f"  {name}/{transport}: canary max |diff| {after:.3g} > tolerance {tolerance}", flush=True)
+                after = _check_canary(learner, worker, canary_ids, tolerance, f"{name}/{transport}")
                 rows.append({"transport": transport, "repeat": rep, "bytes": load["bytes"],
                              "export_s": export, "load_s": load["seconds"], "total_s": total,
                              "receive_s": receive, "canary_diff_before": before, "canary_diff_after": after})
@@ -165,16 +187,17 @@ def bench_model(name: str, path: str, args, classes) -> dict:
 def summarize(result: dict, memcpy: float) -> list[dict]:
     """Median over repeats per transport (the first repeat includes one-off allocations)."""
     out = []
-    for transport in ("flat", "legacy"):
+    for transport in TRANSPORTS:
         rows = [r for r in result["rows"] if r["transport"] == transport]
         if not rows:
             continue
         med = {k: statistics.median(r[k] for r in rows)
-               for k in ("export_s", "load_s", "total_s", "receive_s", "canary_diff_after")}
+               for k in ("export_s", "load_s", "total_s", "canary_diff_after")}
         nbytes = rows[0]["bytes"]
         gbps = nbytes / med["total_s"] / 1e9
+        receive = [r["receive_s"] for r in rows if r["receive_s"] is not None]
         out.append({"model": result["model"], "transport": transport, "MB": nbytes / 1e6, **med,
-                    "GB/s": gbps, "transport GB/s": nbytes / med["receive_s"] / 1e9,
+                    "GB/s": gbps, "transport GB/s": nbytes / statistics.median(receive) / 1e9 if receive else None,
                     "% memcpy": 100 * gbps / memcpy,
                     "canary_diff_before": max(r["canary_diff_before"] for r in rows)})
     return out
@@ -186,7 +209,7 @@ def plot(summary: list[dict], memcpy: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for transport, marker in (("flat", "o"), ("legacy", "s")):
+    for transport, marker in zip(TRANSPORTS, "osD"):
         rows = [r for r in summary if r["transport"] == transport]
         if rows:
             ax.plot([r["MB"] for r in rows], [r["GB/s"] for r in rows], marker=marker,

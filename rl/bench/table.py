@@ -7,6 +7,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     """Print `rows` as aligned columns (floats to 3 significant digits)."""
 
     def fmt(v):
+        if v is None:
+            return "-"
         return f"{v:.3g}" if isinstance(v, float) else str(v)
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
