@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import ray
 
 from rl.config import Config
@@ -127,12 +125,13 @@ class LearnerGroup:
         n = config.learner.workers
         opts = _actor_options(config)
         env = {"runtime_env": {"env_vars": ACTOR_ENV}}
-        # Rendezvous of the process group: a free port on this (the driver's) node. Rank 0
-        # hosts the store there, so on a multi-node cluster rank 0 must share the driver's node.
-        address = _free_address() if n > 1 else None
-        self.workers = [LearnerActor.options(**opts, **env).remote(settings, rank, n, address)
+        self.workers = [LearnerActor.options(**opts, **env).remote(settings, rank, n)
                         for rank in range(n)]
         self.rank0 = self.workers[0]
+        if n > 1:
+            # Rank 0 hosts the group's store on its own node, wherever Ray placed it.
+            address = ray.get(self.rank0.endpoint.remote())
+            ray.get([w.join_data_parallel.remote(address) for w in self.workers])
 
     def update(self, shards: list[TrainBatch]) -> dict:
         results = ray.get([w.update.remote(s) for w, s in zip(self.workers, shards)])
@@ -144,10 +143,3 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
-
-
-def _free_address() -> str:
-    ip = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return f"{ip}:{s.getsockname()[1]}"

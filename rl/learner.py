@@ -114,7 +114,9 @@ class Learner:
         self.s = settings
         self.rank, self.world_size = rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        if world_size > 1:
+        # No address: the owner calls join_data_parallel later (LearnerGroup does).
+        self._distributed = world_size > 1 and dist_address is not None
+        if self._distributed:
             self._init_distributed(dist_address)
         self.autocast_dtype = _DTYPES[settings.dtype]
         weights_path = settings.init_weights_path or settings.model_path
@@ -155,6 +157,23 @@ class Learner:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{address}",
                                 rank=self.rank, world_size=self.world_size)
+
+    def endpoint(self) -> str:
+        """"host:port" on this actor's node with a port free now: where a group whose rank 0 is
+        this learner can meet (on a cluster, rank 0 may not share the driver's node)."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return f"{ray.util.get_node_ip_address()}:{s.getsockname()[1]}"
+
+    def join_data_parallel(self, address: str) -> None:
+        """Join the learners' group at `address` (rank 0's `endpoint()`); every rank at once."""
+        if self.world_size > 1 and not self._distributed:
+            self._init_distributed(address)
+            self._distributed = True
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -367,14 +386,8 @@ class Learner:
     def weight_broadcast_endpoint(self) -> dict:
         """Where the broadcast group meets: this node's address, a free port (rank 0 hosts the
         group's store there) and the backend (nccl when the weights are on a GPU, else gloo)."""
-        import socket
-
-        import ray
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return {"master_address": ray.util.get_node_ip_address(), "master_port": port,
+        host, port = self.endpoint().rsplit(":", 1)
+        return {"master_address": host, "master_port": int(port),
                 "backend": "nccl" if self.device.type == "cuda" else "gloo"}
 
     def join_weight_broadcast(self, master_address: str, master_port: int, backend: str,
