@@ -128,6 +128,10 @@ class LearnerGroup:
         self.workers = [LearnerActor.options(**opts, **env).remote(settings, rank, n)
                         for rank in range(n)]
         self.rank0 = self.workers[0]
+        # fsdp: reading the full weights gathers shards from every rank, so every rank runs
+        # those calls (scoring, weight export) and rank 0's result is used.
+        self.sharded = config.learner.strategy == "fsdp" and n > 1
+        self.exporters = self.workers if self.sharded else [self.rank0]
         if n > 1:
             # Rank 0 hosts the group's store on its own node, wherever Ray placed it.
             address = ray.get(self.rank0.endpoint.remote())
@@ -139,6 +143,10 @@ class LearnerGroup:
 
     def call_all(self, method: str, *args):
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def call_rank0(self, method: str, *args):
+        """Rank 0's result of `method` (run on every rank when the model is sharded)."""
+        return ray.get([getattr(w, method).remote(*args) for w in self.exporters])[0]
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -206,8 +206,18 @@ class LearnerConfig:
     here on short sequences; sdpa on GPU) | eager | sdpa | flash_attention_2."""
     packed_row_tokens: int = 256
     """Longest packed row (packed layout): CPU attention computes the full S x S scores."""
+    strategy: str = "replicate"
+    """How data-parallel learners hold the model: replicate (every rank the whole model and
+    AdamW state, gradients all-reduced; fastest when it fits) | fsdp (torch FSDP2: weights,
+    gradients and AdamW state sharded across the ranks, layers gathered as they run; layout
+    padded or packed, no LoRA)."""
 
     def __post_init__(self):
+        _choice("learner.strategy", self.strategy, ("replicate", "fsdp"))
+        if self.strategy == "fsdp" and self.layout == "shared_prompt":
+            raise ConfigError("learner.layout = 'shared_prompt' does not run under learner.strategy = 'fsdp' "
+                              "(its two passes per chunk would need matching collectives on every rank); "
+                              "use learner.layout: auto (padded) or packed.")
         _positive("learner.workers", self.workers)
         _positive("learner.micro_batch_tokens", self.micro_batch_tokens)
         _choice("learner.layout", self.layout, ("auto", "shared_prompt", "padded", "packed"))
@@ -354,6 +364,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"Could not read the config ({path}, overrides {overrides}): {e}") from None
     raw = _split_objective(raw or {})
     config = _build(Config, raw, "")
+    if config.learner.strategy == "fsdp" and config.model.lora.rank > 0:
+        raise ConfigError(f"learner.strategy = 'fsdp' with model.lora.rank = {config.model.lora.rank}: LoRA "
+                          "adapters are small enough to replicate; use learner.strategy: replicate with LoRA.")
     from rl.objectives import get_objective
     try:
         get_objective(config.objective.name, **config.objective.params)

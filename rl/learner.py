@@ -90,10 +90,19 @@ class LearnerSettings:
     seed: int = 0
     init_weights_path: str | None = None
     """Full fine-tuning resume: load weights from this checkpoint instead of model_path."""
+    strategy: str = "replicate"
+    """Data parallelism: replicate | fsdp (rl/fsdp.py)."""
 
     def __post_init__(self):
+        if self.strategy not in ("replicate", "fsdp"):
+            raise ValueError(f"LearnerSettings.strategy = {self.strategy!r}: use replicate or fsdp")
+        if self.strategy == "fsdp" and self.lora_rank > 0:
+            raise ValueError("LearnerSettings.strategy = 'fsdp' does not support LoRA; use replicate")
         if self.layout == "auto":
-            self.layout = "padded" if self.gradient_checkpointing else "shared_prompt"
+            shared_ok = not self.gradient_checkpointing and self.strategy != "fsdp"
+            self.layout = "shared_prompt" if shared_ok else "padded"
+        if self.layout == "shared_prompt" and self.strategy == "fsdp":
+            raise ValueError("LearnerSettings.layout = 'shared_prompt' does not run under fsdp; use padded or packed")
         if self.layout not in LAYOUTS:
             raise ValueError(f"LearnerSettings.layout = {self.layout!r}: use one of {', '.join(LAYOUTS)}")
         if self.layout == "shared_prompt" and self.gradient_checkpointing:
@@ -114,10 +123,8 @@ class Learner:
         self.s = settings
         self.rank, self.world_size = rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        # No address: the owner calls join_data_parallel later (LearnerGroup does).
-        self._distributed = world_size > 1 and dist_address is not None
-        if self._distributed:
-            self._init_distributed(dist_address)
+        self._distributed = False
+        self.fsdp = False  # True once the model is sharded (strategy fsdp, world_size > 1)
         self.autocast_dtype = _DTYPES[settings.dtype]
         weights_path = settings.init_weights_path or settings.model_path
         attn = settings.attn_implementation
@@ -142,12 +149,23 @@ class Learner:
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = _adamw(self.params, settings.lr, settings.weight_decay)
-        warmup = max(1, settings.warmup_steps)
+        self._make_optimizer()
+        self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
+        # No address: the owner calls join_data_parallel later (LearnerGroup does).
+        if world_size > 1 and dist_address is not None:
+            self.join_data_parallel(dist_address)
+
+    def _make_optimizer(self) -> None:
+        """AdamW + warm-up schedule over the trainable parameters (again after FSDP sharding,
+        which replaces every parameter by its DTensor shard)."""
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.fsdp:  # fused kernels take plain tensors, not DTensor shards
+            self.optimizer = torch.optim.AdamW(self.params, lr=self.s.lr, weight_decay=self.s.weight_decay)
+        else:
+            self.optimizer = _adamw(self.params, self.s.lr, self.s.weight_decay)
+        warmup = max(1, self.s.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
 
     # --- distributed ------------------------------------------------------------------
 
@@ -170,10 +188,17 @@ class Learner:
             return f"{ray.util.get_node_ip_address()}:{s.getsockname()[1]}"
 
     def join_data_parallel(self, address: str) -> None:
-        """Join the learners' group at `address` (rank 0's `endpoint()`); every rank at once."""
+        """Join the learners' group at `address` (rank 0's `endpoint()`); every rank at once.
+        Under strategy fsdp the model is sharded across the group here."""
         if self.world_size > 1 and not self._distributed:
             self._init_distributed(address)
             self._distributed = True
+            if self.s.strategy == "fsdp":
+                from rl.fsdp import shard_model
+
+                shard_model(self.model)
+                self.fsdp = True
+                self._make_optimizer()
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -267,7 +292,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         local = self.accumulate_gradients(batch)
         # Global reductions: gradients (sum; losses are already globally normalized) and metrics.
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.fsdp:  # FSDP reduce-scatters in backward
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -279,6 +304,10 @@ class Learner:
              local["real_tokens"]] + [sums[k] for k in keys], dtype=torch.float64))
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, self.s.grad_clip if self.s.grad_clip > 0 else float("inf"))
+        if self.fsdp:
+            from rl.fsdp import full_tensor
+
+            grad_norm = full_tensor(grad_norm)  # the norm over all shards
         self.optimizer.step()
         self.scheduler.step()
         global_tokens = max(float(reduced[1]), 1.0)
@@ -311,6 +340,11 @@ class Learner:
         total_loss = 0.0
         processed = real = micro_batches = 0
         with_entropy = True  # entropy is a logged metric for every objective
+        if self.fsdp:  # agreed BEFORE the first forward: each forward/backward is a collective
+            from rl.fsdp import pad_to_common_count
+
+            common_count = pad_to_common_count(len(self._micro_batches(batch.prompt_ids, batch.response_ids)),
+                                               self.device)
         for idx, mb, ref_mb, (pass1_processed, pass1_real) in self._iter_micro_batches(
                 batch.prompt_ids, batch.response_ids, with_ref=obj.needs_ref):
             micro_batches += 1
@@ -341,6 +375,13 @@ class Learner:
             metrics["train/rollout_logprob_abs_diff"] = float(diff.abs().mean()) if n_tok else 0.0
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n_tok
+        self._micro_batches_run = micro_batches  # before padding (tests read it)
+        if self.fsdp:
+            from rl.fsdp import zero_gradient_pass
+
+            for _ in range(common_count - micro_batches):  # pair up with the other ranks' collectives
+                with self._autocast():
+                    zero_gradient_pass(self.model, self.device, self.pad_id)
         return {"loss": total_loss, "sums": sums, "micro_batches": micro_batches,
                 "response_tokens": float(sum(len(r) for r in batch.response_ids)),
                 "tokens": float(sum(lengths)),
@@ -373,9 +414,12 @@ class Learner:
         from rollout.weights import FlatPacker
 
         dtype = _DTYPES[self.s.dtype]
+        named = self._weights_to_send(dtype)
+        if self.rank != 0:
+            return None  # fsdp: this rank only took part in gathering the shards
         if getattr(self, "_packer", None) is None:
             self._packer = FlatPacker(dtype)
-        return self._packer.pack(self._weights_to_send(dtype))
+        return self._packer.pack(named)
 
     def _weights_to_send(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """HF-named weights the rollout engines load (fp32 masters, cast on the way; LoRA merged)."""
@@ -403,16 +447,28 @@ class Learner:
         from rollout.weight_broadcast import describe
 
         dtype = _DTYPES[self.s.dtype]
-        return describe(self._weights_to_send(dtype), dtype)
+        # Shapes only: DTensor shards report the full shape, so nothing is gathered here.
+        named = self._merged_lora_weights(dtype) if self.s.lora_rank > 0 else self._full_weights(gather=False)
+        return describe(named, dtype)
 
     def broadcast_weights(self) -> dict[str, float]:
         """Send the weights to every rollout engine of the group (they run `receive_weight_broadcast`)."""
-        return self._broadcaster.send(self._weights_to_send(_DTYPES[self.s.dtype]), _DTYPES[self.s.dtype])
+        dtype = _DTYPES[self.s.dtype]
+        named = self._weights_to_send(dtype)
+        if self.rank != 0:
+            return {}  # fsdp: this rank only took part in gathering the shards
+        return self._broadcaster.send(named, dtype)
 
-    def _full_weights(self) -> dict[str, torch.Tensor]:
+    def _full_weights(self, gather: bool = True) -> dict[str, torch.Tensor]:
+        """HF-named fp32 weights. fsdp: gathered from the shards (a collective: every rank
+        calls it, in the same order), unless gather=False (DTensor shards, full shapes)."""
         state = self.model.state_dict()
         if self.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # same tensor as embed_tokens; saves bytes
+        if self.fsdp and gather:
+            from rl.fsdp import full_tensor
+
+            return {k: full_tensor(v).detach() for k, v in state.items()}
         return {k: v.detach() for k, v in state.items()}
 
     def _merged_lora_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -432,13 +488,25 @@ class Learner:
             self.model.unmerge_adapter()
 
     def save_checkpoint(self, path: str, tokenizer_source: str) -> None:
-        """Hugging Face model (float32, LoRA merged) + tokenizer + optimizer state in `path`."""
-        if self.rank != 0:
-            return
+        """Hugging Face model (float32, LoRA merged) + tokenizer + optimizer state in `path`.
+        Every rank calls it (fsdp gathers the shards); rank 0 writes."""
         from transformers import AutoTokenizer
 
+        if self.fsdp:
+            from rl.fsdp import full_state_dicts
+
+            model_state, optim_state = full_state_dicts(self.model, self.optimizer)
+        if self.rank != 0:
+            return
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
+        if self.fsdp:
+            self.model.save_pretrained(out, state_dict=model_state, safe_serialization=True)
+            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(out)
+            # Keyed by parameter name (not index): loads into any number of fsdp ranks.
+            torch.save({"optimizer_by_name": optim_state, "scheduler": self.scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state()}, out / "optimizer.pt")
+            return
         if self.s.lora_rank > 0:
             self.model.save_pretrained(out / "adapter")
             base = copy.deepcopy(self.model).merge_and_unload()
@@ -458,7 +526,17 @@ class Learner:
 
             set_peft_model_state_dict(self.model, load_file(str(out / "adapter" / "adapter_model.safetensors")))
         state = torch.load(out / "optimizer.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp != ("optimizer_by_name" in state):
+            saved, now = ("fsdp", "replicate") if "optimizer_by_name" in state else ("replicate", "fsdp")
+            raise ValueError(f"{out / 'optimizer.pt'} holds the optimizer state of a learner.strategy = {saved} "
+                             f"run; this run uses {now} (with {self.world_size} learner(s)). Resume with "
+                             f"learner.strategy: {saved}.")
+        if self.fsdp:
+            from rl.fsdp import load_full_optimizer_state
+
+            load_full_optimizer_state(self.model, self.optimizer, state["optimizer_by_name"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
 

@@ -78,14 +78,14 @@ class Trainer:
             micro_batch_tokens=c.learner.micro_batch_tokens, temperature=c.rollout.temperature,
             gradient_checkpointing=c.learner.gradient_checkpointing, seed=c.trainer.seed,
             layout=c.learner.layout, packed_row_tokens=c.learner.packed_row_tokens,
-            attn_implementation=c.learner.attn_implementation,
+            attn_implementation=c.learner.attn_implementation, strategy=c.learner.strategy,
             init_weights_path=full_ft_resume)
         # Rollout engines are re-seeded on resume so a continued run does not replay samples.
         rollout_seed = c.trainer.seed + 7919 * self.start_step
         self.rollout = RolloutGroup(c, prepared.model_path, rollout_seed,
                                     logits_processors=[self.rollout_processor] if self.rollout_processor else None)
         self.learners = LearnerGroup(c, settings)
-        self.weight_sync = WeightSync(weight_sync_method(c), self.learners.rank0, self.rollout.workers,
+        self.weight_sync = WeightSync(weight_sync_method(c), self.learners.exporters, self.rollout.workers,
                                       int(c.rollout.weight_bucket_mb * 2**20))
         if resume:
             self.learners.call_all("load_training_state", resume)
@@ -315,7 +315,7 @@ class Trainer:
         diffs = []
         canaries = ray.get([w.canary.remote(self.canary_ids) for w in self.rollout.workers])
         for i, (tokens, rollout_lp) in enumerate(canaries):
-            learner_lp = ray.get(self.learners.rank0.score.remote(self.canary_ids, tokens))
+            learner_lp = self.learners.call_rank0("score", self.canary_ids, tokens)
             d = [abs(a - b) for a, b in zip(rollout_lp, learner_lp)]
             diffs.extend(d)
             # The max catches one badly wrong token; the mean (a quarter of the tolerance) catches

@@ -20,11 +20,13 @@ import ray
 class WeightSync:
     """Learner rank 0 -> rollout engines; `transfer()` once per step."""
 
-    def __init__(self, method: str, learner, rollout_workers: list, bucket_bytes: int):
+    def __init__(self, method: str, learners: list, rollout_workers: list, bucket_bytes: int):
+        """learners: [rank 0] when it holds the whole model; every rank, rank 0 first, when the
+        model is sharded (fsdp): they all take part in gathering the weights, rank 0 sends."""
         if method not in ("object_store", "broadcast"):
             raise ValueError(f"weight sync method {method!r}: use object_store or broadcast")
         self.method = method
-        self.learner = learner
+        self.learner, self.helpers = learners[0], list(learners[1:])
         self.workers = rollout_workers
         self.metas: list = []
         if method == "broadcast":
@@ -49,13 +51,17 @@ class WeightSync:
         t0 = time.perf_counter()
         if self.method == "broadcast":
             receives = [w.receive_weight_broadcast.remote(self.metas) for w in self.workers]
+            gathers = [h.broadcast_weights.remote() for h in self.helpers]
             sent, *loads = ray.get([self.learner.broadcast_weights.remote()] + receives)
+            ray.get(gathers)
             t_export = sent["seconds"]
         else:
             weights = self.learner.export_flat_weights.remote()
+            gathers = [h.export_flat_weights.remote() for h in self.helpers]
             ray.wait([weights], fetch_local=False)
             t_export = time.perf_counter() - t0
             loads = ray.get([w.load_weights.remote(weights) for w in self.workers])
+            ray.get(gathers)
             del weights
         seconds = time.perf_counter() - t0
         nbytes = loads[0]["bytes"]

@@ -57,3 +57,53 @@ def test_two_ranks_equal_one_rank(tiny_model_dir):
         assert worst < 1e-6 * max(scale, 1)  # and both splits produced the same one
     finally:
         ray.shutdown()
+
+
+def test_fsdp_two_ranks_equal_one_rank_with_unequal_micro_batch_counts(tiny_model_dir):
+    """learner.strategy=fsdp (FSDP2 over gloo): weights, gradients and AdamW state sharded. Rank 0
+    gets 8 sequences, rank 1 two, so rank 1 pads with zero-gradient passes to keep the
+    collectives paired. The summed gradient equals one unsharded learner's on the whole batch,
+    and the gathered weights after the step equal its weights."""
+    import ray
+
+    from rl.actors import LearnerGroup
+    from rl.config import load_config
+    from rl.fsdp import full_tensor
+    from rl.learner import LearnerSettings, TrainBatch
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        prompts, responses, adv, lps = _batch(seed=3)
+        n_tok = sum(len(r) for r in responses)
+        results = {}
+        for strategy, world, split in (("replicate", 1, [list(range(10))]),
+                                       ("fsdp", 2, [list(range(8)), [8, 9]])):
+            settings = LearnerSettings(model_path=tiny_model_dir, dtype="float32", lr=1e-3, micro_batch_tokens=40,
+                                       layout="padded", strategy=strategy, objective="grpo",
+                                       objective_params={"loss_agg_mode": "seq-mean-token-mean"})
+            group = LearnerGroup(load_config(None, [f"learner.workers={world}", f"learner.strategy={strategy}"]),
+                                 settings)
+            shards = [TrainBatch([prompts[i] for i in idx], [responses[i] for i in idx], [adv[i] for i in idx],
+                                 [lps[i] for i in idx], n_tok, len(responses), 15) for idx in split]
+            metrics = group.update(shards)
+            # Full gradients and weights: under fsdp each rank gathers its peers' shards (all call).
+            state = ray.get([w.__ray_call__.remote(lambda self: (
+                {n: full_tensor(p.grad).clone() for n, p in self.model.named_parameters()},
+                {n: full_tensor(p.detach()).clone() for n, p in self.model.named_parameters()},
+                type(next(self.model.parameters())).__name__, self._micro_batches_run))
+                for w in group.workers])
+            results[strategy] = (metrics, state)
+            group.shutdown()
+        (m1, [(g1, w1, kind1, _)]), (m2, fsdp_state) = results["replicate"], results["fsdp"]
+        g2, w2, kind2, _ = fsdp_state[0]
+        assert kind1 == "Parameter" and kind2 == "DTensor"  # it really was sharded
+        assert [s[3] for s in fsdp_state][0] > [s[3] for s in fsdp_state][1]  # unequal micro-batch counts
+        assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6)
+        scale = max(float(g.abs().max()) for g in g1.values())
+        assert scale > 1e-3
+        assert max(float((g1[k] - g2[k]).abs().max()) for k in g1) < 1e-6 * max(scale, 1)
+        assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
+        moved = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+        assert moved < 1e-5  # same AdamW step applied shard by shard
+    finally:
+        ray.shutdown()

@@ -140,7 +140,7 @@ def bench_model(name: str, path: str, args, classes) -> dict:
                                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                                  weight_broadcast=not args.no_broadcast)
     ray.get(worker.ready.remote())
-    broadcast = None if args.no_broadcast else WeightSync("broadcast", learner, [worker], int(args.bucket_mb * 2**20))
+    broadcast = None if args.no_broadcast else WeightSync("broadcast", [learner], [worker], int(args.bucket_mb * 2**20))
     canary_ids = AutoTokenizer.from_pretrained(path)("Count from one to ten:")["input_ids"]
     tolerance = 1e-3 if args.dtype == "float32" else 0.5  # trainer.sync_tolerance defaults
     rows = []
