@@ -130,8 +130,8 @@ class LearnerGroup:
         self.rank0 = self.workers[0]
         # fsdp: reading the full weights gathers shards from every rank, so every rank runs
         # those calls (scoring, weight export) and rank 0's result is used.
-        self.sharded = config.learner.strategy == "fsdp" and n > 1
-        self.exporters = self.workers if self.sharded else [self.rank0]
+        sharded = config.learner.strategy == "fsdp" and n > 1
+        self.exporters = self.workers if sharded else [self.rank0]
         if n > 1:
             # Rank 0 hosts the group's store on its own node, wherever Ray placed it.
             address = ray.get(self.rank0.endpoint.remote())

@@ -38,15 +38,13 @@ def shard_model(model: nn.Module) -> None:
     the default process group. Tied embeddings stay tied: both names are one parameter of
     the root's group."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():
         if isinstance(module, FSDPModule):  # the setters act on one module's group, not its children
             # Losses are normalized by the GLOBAL token count, so the ranks' gradients are
