@@ -16,6 +16,8 @@ import time
 
 import ray
 
+from rl.errors import SyncError
+
 
 class WeightSync:
     """Learner rank 0 -> rollout engines; `transfer()` once per step."""
@@ -52,8 +54,8 @@ class WeightSync:
         if self.method == "broadcast":
             receives = [w.receive_weight_broadcast.remote(self.metas) for w in self.workers]
             gathers = [h.broadcast_weights.remote() for h in self.helpers]
-            sent, *loads = ray.get([self.learner.broadcast_weights.remote()] + receives)
-            ray.get(gathers)
+            sent, *loads = _get_failing_fast([self.learner.broadcast_weights.remote()] + receives + gathers)
+            loads = loads[:len(receives)]
             t_export = sent["seconds"]
         else:
             weights = self.learner.export_flat_weights.remote()
@@ -68,3 +70,20 @@ class WeightSync:
         return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/export_seconds": t_export,
                 "sync/load_seconds": max(x["seconds"] for x in loads),
                 "sync/gb_per_s": nbytes / max(seconds, 1e-9) / 1e9}
+
+
+def _get_failing_fast(refs: list) -> list:
+    """ray.get(refs), but the first failure raises at once: when one member of the broadcast
+    dies, the others wait in the collective until its timeout (minutes), so waiting for all of
+    them in order would hide the cause that long."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done)
+        except Exception as e:
+            raise SyncError(f"Weight broadcast failed ({type(e).__name__}): {str(e).strip()[-2000:]}\n"
+                            "The learner and the rollout engines form one process group; the other "
+                            "members stay blocked in the broadcast until its timeout. Restart the run "
+                            "(trainer.resume_from the last checkpoint).") from e
+    return ray.get(refs)

@@ -110,3 +110,32 @@ def test_auto_weight_sync_needs_a_gpu_per_actor(monkeypatch, gpus, overrides, ex
 
     monkeypatch.setattr(rl.actors.ray, "cluster_resources", lambda: {"GPU": gpus} if gpus else {})
     assert rl.actors.weight_sync_method(load_config(None, overrides)) == expected
+
+
+@pytest.mark.slow
+def test_a_failing_member_raises_at_once_not_after_the_blocked_ones():
+    """When one member of the broadcast fails, the others stay blocked in the collective until
+    its timeout; the sync reports the failure without waiting for them."""
+    import time
+
+    import ray
+
+    from rl.errors import SyncError
+    from rl.weight_sync import _get_failing_fast
+
+    @ray.remote
+    def blocked_in_collective():
+        time.sleep(300)
+
+    @ray.remote
+    def engine_that_failed():
+        raise RuntimeError("engine 1: out of memory while loading bucket 3")
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(SyncError, match="bucket 3"):
+            _get_failing_fast([blocked_in_collective.remote(), engine_that_failed.remote()])
+        assert time.perf_counter() - start < 60
+    finally:
+        ray.shutdown()
