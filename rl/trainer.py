@@ -93,6 +93,7 @@ class Trainer:
                                       on_error=c.reward.on_error, error_value=c.reward.error_value,
                                       num_workers=c.reward.workers)
         self.canary_ids = prepared.tokenizer(c.trainer.canary_prompt)["input_ids"]
+        self.canary_tokens: list[int] | None = None  # sampled at the first check (verify_sync)
         tol = c.trainer.sync_tolerance
         # 16-bit: the two sides round differently (vLLM keeps bf16 weights and activations, the
         # learner fp32 weights under autocast); measured on SmolLM2: mean 0.02-0.07, max up to
@@ -312,10 +313,18 @@ class Trainer:
                 "time/sync": time.perf_counter() - t0}
 
     def verify_sync(self) -> tuple[float, float]:
+        """Every engine and the learner score the same canary continuation, at the same time.
+
+        The continuation is sampled once, by the first engine at the first check; afterwards
+        each check is one prefill per side (teacher-forced), not 16 decode steps followed by
+        the learner's pass.
+        """
+        if self.canary_tokens is None:
+            self.canary_tokens, _ = ray.get(self.rollout.workers[0].canary.remote(self.canary_ids))
+        engine_refs = [w.score.remote(self.canary_ids, self.canary_tokens) for w in self.rollout.workers]
+        learner_lp = self.learners.call_rank0("score", self.canary_ids, self.canary_tokens)
         diffs = []
-        canaries = ray.get([w.canary.remote(self.canary_ids) for w in self.rollout.workers])
-        for i, (tokens, rollout_lp) in enumerate(canaries):
-            learner_lp = self.learners.call_rank0("score", self.canary_ids, tokens)
+        for i, rollout_lp in enumerate(ray.get(engine_refs)):
             d = [abs(a - b) for a, b in zip(rollout_lp, learner_lp)]
             diffs.extend(d)
             # The max catches one badly wrong token; the mean (a quarter of the tolerance) catches

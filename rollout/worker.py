@@ -202,16 +202,32 @@ class RolloutWorker:
 
         params = SamplingParams(temperature=1.0, max_tokens=num_tokens, min_tokens=num_tokens,
                                 ignore_eos=True, logprobs=0)
-        rid = f"canary{self._request_counter}"
+        result = self._run_alone(prompt_ids, params)
+        token_ids = list(result.outputs[0].token_ids)
+        return token_ids, [step[t].logprob for step, t in zip(result.outputs[0].logprobs, token_ids)]
+
+    def score(self, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
+        """The engine's log-probs of `token_ids` after `prompt_ids`, teacher-forced: one prefill
+        (prompt log-probs), no sampling. The sync check compares them with the learner's
+        `score` of the same tokens, both sides running at once."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0)
+        result = self._run_alone(list(prompt_ids) + list(token_ids), params)
+        start = len(prompt_ids)
+        return [result.prompt_logprobs[start + i][t].logprob for i, t in enumerate(token_ids)]
+
+    def _run_alone(self, prompt_ids: list[int], params):
+        """Run one request to completion (the engine is otherwise idle between rollouts)."""
+        rid = f"probe{self._request_counter}"
         self._request_counter += 1
         self.engine.add_request(rid, {"prompt_token_ids": list(prompt_ids)}, params)
         result = None
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 if out.finished and out.request_id == rid:
-                    result = out.outputs[0]
-        token_ids = list(result.token_ids)
-        return token_ids, [step[t].logprob for step, t in zip(result.logprobs, token_ids)]
+                    result = out
+        return result
 
     def logits_processor_metrics(self) -> dict[str, float]:
         """Metrics the custom logits processors gathered since the last call, then reset

@@ -154,3 +154,37 @@ def test_fsdp_learners_train_checkpoint_and_resume(tmp_path, tiny_model_dir):
         assert row["grad_norm"] > 0 and row["sync/max_logprob_diff"] < 1e-3
     opt = torch.load(run / "checkpoints" / "step_3" / "optimizer.pt", weights_only=False)
     assert {int(s["step"]) for s in opt["optimizer_by_name"]["state"].values()} == {3}
+
+
+@pytest.mark.parametrize("weight_sync", ["object_store", "broadcast"])
+def test_sync_check_catches_stale_weights(tmp_path, tiny_model_dir, weight_sync):
+    """The check that guards every step: learner weights that the engines do not have (changed
+    after the sync) raise SyncError; syncing brings them back within float32 tolerance."""
+    import ray
+    import torch
+
+    from rl.config import load_config
+    from rl.errors import SyncError
+    from rl.train import init_ray, preflight
+    from rl.trainer import Trainer
+
+    (tmp_path / "reward.py").write_text(REWARD_FILE)
+    config = load_config(f"{_repo_root()}/configs/quickstart.yaml", [
+        f"model.path={tiny_model_dir}", "model.dtype=float32", "rollout.gpu_memory_utilization=0.05",
+        f"rollout.weight_sync={weight_sync}", "data.max_prompt_tokens=64", "rollout.max_new_tokens=8",
+        f"reward.functions=[{{path: '{tmp_path / 'reward.py'}:variety'}}]", "reward.workers=1",
+        f"trainer.output_dir={tmp_path / 'run'}"])
+    init_ray(config)
+    trainer = Trainer(preflight(config))
+    try:
+        first = trainer.sync_weights()
+        assert first["sync/max_logprob_diff"] < 1e-3
+        ray.get(trainer.learners.rank0.__ray_call__.remote(lambda self: [
+            p.data.add_(torch.randn_like(p) * 0.05) for p in self.params] and None))
+        with pytest.raises(SyncError, match="not running the learner's weights"):
+            trainer.verify_sync()
+        again = trainer.sync_weights()
+        assert again["sync/max_logprob_diff"] < 1e-3
+    finally:
+        trainer.close()
+        ray.shutdown()
