@@ -44,7 +44,6 @@ class WeightSync:
                 + [w.join_weight_broadcast.remote(ep["master_address"], ep["master_port"], i + 1, world_size,
                                                   ep["backend"], bucket_bytes)
                    for i, w in enumerate(self.workers)])
-        self.backend = ep["backend"]
         # The set of tensors never changes during a run: the receivers' bucket plans are fixed.
         self.metas = ray.get(self.learner.weight_metas.remote())
 
