@@ -7,7 +7,8 @@ policy objects on known lengths. Entry points:
     make_policy(name, **kw)          full_group | naive_micro | continuous | length_aware
     make_predictor(name, **kw)       token_conditioned | oracle | constant
     simulate(policy, trace, slots, kv_budget_tokens) -> SimResult
-    python -m scheduling.bench ...   all policies side by side
+
+All policies side by side on a trace: `python -m rl.bench rollout --simulate` (rl/bench/rollout.py).
 """
 
 from .base import SchedulingPolicy, make_policy, policy_names

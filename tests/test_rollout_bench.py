@@ -1,4 +1,4 @@
-"""`python -m rl.bench rollout --simulate`: CLI, JSON, PNG; and the shipped SmolLM2 traces."""
+"""`python -m rl.bench rollout --simulate`: rows, CLI, JSON, PNG; and the shipped SmolLM2 traces."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from rl.bench.__main__ import main
-from scheduling import load_trace
+from rl.bench.rollout import format_table, simulate_policies, time_fptas
+from scheduling import load_trace, save_trace, synthetic_trace
 
 TRACES = sorted((Path(__file__).resolve().parents[1] / "configs" / "traces").glob("*.json"))
 
@@ -32,19 +33,56 @@ def test_simulate_synthetic_writes_rows_json_and_plot(tmp_path, capsys):
 
 
 def test_simulate_a_trace_file_with_a_warmup_trace(tmp_path):
-    from scheduling import save_trace, synthetic_trace
-
     step0, step1 = tmp_path / "s0.json", tmp_path / "s1.json"
     save_trace(step0, synthetic_trace("lognormal", 5, 4, 128, seed=1))
     save_trace(step1, synthetic_trace("lognormal", 5, 4, 128, seed=2))
     out = tmp_path / "r.json"
-    main(["rollout", "--simulate", "--lengths", str(step1), "--warmup-lengths", str(step0),
-          "--policies", "continuous,length_aware", "--predictor", "token_conditioned",
-          "--slots", "4", "--json", str(out), "--plot", str(tmp_path / "p.png")])
+    rc = main(["rollout", "--simulate", "--lengths", str(step1), "--warmup-lengths", str(step0),
+               "--policies", "continuous,length_aware", "--predictor", "token_conditioned",
+               "--slots", "4", "--json", str(out), "--plot", str(tmp_path / "p.png")])
+    assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["sequences"] == 20 and doc["warmup"] == [str(step0)]
     assert [r["policy"] for r in doc["rows"]] == ["continuous", "length_aware"]
     assert (tmp_path / "p.png").exists()
+
+
+def test_simulate_policies_rows():
+    tr = synthetic_trace("lognormal", prompts=8, group_size=16, max_new_tokens=512, seed=4)
+    rows = simulate_policies(tr, slots=16, kv_budget_tokens=10**6, predictor="oracle")
+    by = {r["policy"]: r for r in rows}
+    assert set(by) == {"full_group", "naive_micro", "continuous", "length_aware"}
+    for r in rows:
+        assert r["total_tokens"] == sum(tr.lengths)
+    # naive rounds wait for their longest member: never faster than continuous refill
+    assert by["naive_micro"]["decode_steps"] >= by["continuous"]["decode_steps"]
+    assert by["full_group"]["decode_steps"] == max(tr.lengths)
+    # micro policies hold far less KV than everything at once (G = 16, 16 slots of 128 seqs)
+    assert by["length_aware"]["peak_kv_vs_full"] <= 0.5
+    text = format_table(rows)
+    assert "length_aware" in text and len(text.splitlines()) == 6
+
+
+def test_simulate_trace_file_prints_summary_table_and_writes_json(tmp_path, capsys):
+    tr = synthetic_trace("lognormal", prompts=4, group_size=4, max_new_tokens=128, seed=0)
+    src, out = tmp_path / "trace.json", tmp_path / "rows.json"
+    save_trace(src, tr)
+    rc = main(["rollout", "--simulate", "--lengths", str(src), "--slots", "4",
+               "--predictor", "oracle, constant", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"trace: 16 sequences, 4 prompts, mean length {sum(tr.lengths) / 16:.1f}" in printed
+    assert "naive_micro" in printed and "constant" in printed
+    doc = json.loads(out.read_text())
+    assert doc["sequences"] == 16 and doc["groups"] == 4
+    assert [(r["policy"], r["predictor"]) for r in doc["rows"]][-2:] == [("length_aware", "oracle"),
+                                                                       ("length_aware", "constant")]
+
+
+def test_time_fptas_reports_the_packing_and_its_times():
+    t = time_fptas(n=256, capacity_fraction=0.25, repeats=2)
+    assert t["n"] == 256 and t["eps"] == 0.05 and 0 < t["chosen"] < 256
+    assert 0 < t["best_ms"] <= t["median_ms"]
 
 
 @pytest.mark.parametrize("path", TRACES, ids=[p.name for p in TRACES])

@@ -1,11 +1,10 @@
-"""Synthetic traces, JSON round trip, benchmark rows and CLI."""
+"""Synthetic traces and their JSON round trip (the benchmark on traces: tests/test_rollout_bench.py)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from scheduling.bench import format_table, main, simulate_policies
 from scheduling.traces import Trace, load_trace, save_trace, synthetic_trace
 
 
@@ -43,30 +42,3 @@ def test_load_rejects_other_files(tmp_path):
         load_trace(path)
     with pytest.raises(ValueError):
         Trace([(0, 10, 65)], max_new_tokens=64)
-
-
-def test_simulate_policies_rows():
-    tr = synthetic_trace("lognormal", prompts=8, group_size=16, max_new_tokens=512, seed=4)
-    rows = simulate_policies(tr, slots=16, kv_budget_tokens=10**6, predictor="oracle")
-    by = {r["policy"]: r for r in rows}
-    assert set(by) == {"full_group", "naive_micro", "continuous", "length_aware"}
-    for r in rows:
-        assert r["total_tokens"] == sum(tr.lengths)
-    # naive rounds wait for their longest member: never faster than continuous refill
-    assert by["naive_micro"]["decode_steps"] >= by["continuous"]["decode_steps"]
-    assert by["full_group"]["decode_steps"] == max(tr.lengths)
-    # micro policies hold far less KV than everything at once (G = 16, 16 slots of 128 seqs)
-    assert by["length_aware"]["peak_kv_vs_full"] <= 0.5
-    text = format_table(rows)
-    assert "length_aware" in text and len(text.splitlines()) == 6
-
-
-def test_cli_prints_table_and_writes_json(tmp_path, capsys):
-    tr = synthetic_trace("lognormal", prompts=4, group_size=4, max_new_tokens=128, seed=0)
-    src, out = tmp_path / "trace.json", tmp_path / "rows.json"
-    save_trace(src, tr)
-    main(["--lengths", str(src), "--slots", "4", "--predictor", "oracle,constant", "--json", str(out)])
-    printed = capsys.readouterr().out
-    assert "naive_micro" in printed and "constant" in printed
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["policy"] for r in rows][-2:] == ["length_aware", "length_aware"]

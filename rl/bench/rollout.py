@@ -1,10 +1,12 @@
 """`python -m rl.bench rollout`: the Infinite Sampling policies side by side.
 
-Simulation (seconds, no engine; reuses scheduling.bench and the decode-step simulator):
+Simulation (seconds, no engine; the decode-step simulator `scheduling.simulate` on a length
+trace: a recorded one from configs/traces/, or a synthetic long-tailed one):
 
-    python -m rl.bench rollout --simulate --lengths configs/traces/smollm2_mixed_step1.json \\
-        --warmup-lengths configs/traces/smollm2_mixed_step0.json --slots 32 --json sim.json
+    python -m rl.bench rollout --simulate --lengths configs/traces/smollm2_mixed_step0.json \\
+        --warmup-lengths configs/traces/smollm2_mixed_256_warmup.json --slots 32 --json sim.json
     python -m rl.bench rollout --simulate --synthetic pareto --prompts 64 --group-size 16
+    python -m rl.bench rollout --simulate --fptas     # also time the FPTAS on 4,096 sequences
 
 Real vLLM (SmolLM2-135M-Instruct on CPU by default; every policy on the same engine, same prompts):
 
@@ -22,14 +24,30 @@ length trace (scheduling/traces.py format). Every run prints a table and writes 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import time
 from pathlib import Path
+from typing import Sequence
 
-from scheduling import Trace, load_trace, make_predictor, save_trace, synthetic_trace
-from scheduling.bench import format_table, simulate_policies, time_fptas, warm_predictor
+import numpy as np
+
+from scheduling import (
+    LengthPredictor,
+    OracleLengthPredictor,
+    Trace,
+    fptas_knapsack,
+    load_trace,
+    make_policy,
+    make_predictor,
+    save_trace,
+    simulate as simulate_policy,
+    synthetic_trace,
+)
 
 POLICIES = ("full_group", "naive_micro", "continuous", "length_aware")
+PREDICTOR_POLICIES = {"length_aware"}  # policies that take a `predictor=` argument
 PROMPTS_FILE = Path(__file__).resolve().parents[2] / "configs" / "traces" / "mixed_prompts.yaml"
 
 
@@ -79,10 +97,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = simulate(args) if args.simulate else real(args)
+    if out["mode"] == "simulate":
+        print(f"trace: {out['sequences']} sequences, {out['groups']} prompts, mean length "
+              f"{out['mean_length']:.1f}, max {out['max_length']}; slots {out['slots']}, "
+              f"kv budget {out['rows'][0]['kv_budget_tokens']}")
     print(format_rows(out["rows"], out["mode"]))
     for t in out.get("fptas", []):
-        print(f"fptas n={t['n']} capacity {t['capacity_fraction']:.3f} of total weight: "
-              f"best {t['best_ms']:.1f} ms, median {t['median_ms']:.1f} ms")
+        print(f"fptas n={t['n']} eps={t['eps']} capacity {t['capacity_fraction']:.3f} of total "
+              f"weight: {t['chosen']} chosen, best {t['best_ms']:.1f} ms, median {t['median_ms']:.1f} ms")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
@@ -94,6 +116,76 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --- simulation --------------------------------------------------------------------------------
+
+
+def warm_predictor(predictor: LengthPredictor, traces: Sequence[Trace]) -> LengthPredictor:
+    """Let `predictor` observe every sample of earlier rollouts (earlier training steps)."""
+    for tr in traces:
+        predictor.begin_rollout()
+        for s, n in zip(tr.to_seqs(), tr.lengths):
+            predictor.observe(s, n)
+    return predictor
+
+
+def default_kv_budget(trace: Trace, slots: int) -> int:
+    """slots x (mean prompt + max_new_tokens): an engine sized so that `slots` sequences of full
+    length fit, i.e. the slot count, not the KV, is the binding limit (as vLLM's max_num_seqs
+    with enough KV). Pass a smaller budget to study the KV-bound regime."""
+    prompts = float(np.mean([p for _, p, _ in trace.items]))
+    return int(slots * (prompts + trace.max_new_tokens))
+
+
+def simulate_policies(
+    trace: Trace,
+    policies: Sequence[str] = POLICIES,
+    slots: int = 32,
+    kv_budget_tokens: int | None = None,
+    predictor: str | LengthPredictor = "oracle",
+    plan_every_step: bool = False,
+) -> list[dict]:
+    """One row of measures per policy. `predictor` is a name ("oracle" is built from the trace)
+    or an instance, deep-copied per policy so every policy starts from the same state.
+    kv_budget_tokens None: see `default_kv_budget`."""
+    trace = Trace.coerce(trace)
+    if kv_budget_tokens is None:
+        kv_budget_tokens = default_kv_budget(trace, slots)
+    rows, full_peak = [], None
+    for name in policies:
+        kw = {}
+        if name in PREDICTOR_POLICIES:
+            if isinstance(predictor, str) and predictor == "oracle":
+                kw["predictor"] = OracleLengthPredictor(dict(enumerate(trace.lengths)))
+            elif isinstance(predictor, str):
+                kw["predictor"] = make_predictor(predictor)
+            else:
+                kw["predictor"] = copy.deepcopy(predictor)
+        res = simulate_policy(make_policy(name, **kw), trace, slots, kv_budget_tokens, plan_every_step)
+        row = res.as_dict()
+        row["predictor"] = kw["predictor"].name if kw else "-"
+        row["kv_budget_tokens"] = kv_budget_tokens
+        if name == "full_group":
+            full_peak = res.peak_kv_tokens
+        rows.append(row)
+    for row in rows:
+        row["peak_kv_vs_full"] = row["peak_kv_tokens"] / full_peak if full_peak else float("nan")
+    return rows
+
+
+def time_fptas(n: int = 4096, eps: float = 0.05, capacity_fraction: float = 0.25,
+               seed: int = 0, repeats: int = 5) -> dict:
+    """Best and median wall time of one FPTAS call on n predicted sequences (value = predicted
+    length, weight = prompt + predicted length, capacity = fraction of the total weight)."""
+    rng = np.random.default_rng(seed)
+    length = np.clip(np.rint(rng.lognormal(np.log(128), 1.0, n)), 1, 4096)
+    weight = rng.integers(16, 320, n) + length
+    cap = capacity_fraction * weight.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        chosen = fptas_knapsack(length, weight, cap, eps)
+        times.append(time.perf_counter() - t0)
+    return {"n": n, "eps": eps, "capacity_fraction": capacity_fraction, "chosen": len(chosen),
+            "best_ms": 1e3 * min(times), "median_ms": 1e3 * float(np.median(times))}
 
 
 def simulate(args) -> dict:
@@ -109,16 +201,17 @@ def simulate(args) -> dict:
         warm = [synth(args.seed + 1000 + k) for k in range(args.warmup_steps)]
     policies = [p.strip() for p in args.policies.split(",")]
     rows = []
-    for i, name in enumerate((args.predictor or "oracle,token_conditioned").split(",")):
+    for i, name in enumerate(p.strip() for p in (args.predictor or "oracle,token_conditioned").split(",")):
         pred = name if name == "oracle" else warm_predictor(make_predictor(name), warm)
         names = policies if i == 0 else [p for p in policies if p == "length_aware"]
         rows += simulate_policies(trace, names, slots, args.kv_budget, pred, args.every_step)
     full = next((r["peak_kv_tokens"] for r in rows if r["policy"] == "full_group"), None)
-    for r in rows:
+    for r in rows:  # later predictor runs compare with the first run's full_group
         r["peak_kv_vs_full"] = r["peak_kv_tokens"] / full if full else math.nan
     out = {"mode": "simulate", "rows": rows, "slots": slots,
            "trace": args.lengths or f"synthetic:{args.synthetic}", "warmup": args.warmup_lengths,
-           "sequences": len(trace.items), "mean_length": sum(trace.lengths) / len(trace.items),
+           "sequences": len(trace.items), "groups": len({g for g, _, _ in trace.items}),
+           "mean_length": sum(trace.lengths) / len(trace.items),
            "max_length": max(trace.lengths), "max_new_tokens": trace.max_new_tokens}
     if args.fptas:
         out["fptas"] = [time_fptas(capacity_fraction=f) for f in (0.25, 0.02, 0.001)]
@@ -237,6 +330,28 @@ def real_row(policy: str, predictor: str, st, budget: int) -> dict:
 
 
 # --- output --------------------------------------------------------------------------------------
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Plain-text table of the main simulation measures."""
+    cols = [
+        ("policy", "policy", "{}"),
+        ("predictor", "predictor", "{}"),
+        ("decode_steps", "steps", "{}"),
+        ("lower_bound", "bound", "{}"),
+        ("steps_over_bound", "steps/bound", "{:.3f}"),
+        ("peak_kv_tokens", "peak_kv", "{}"),
+        ("peak_kv_vs_full", "kv/full", "{:.3f}"),
+        ("peak_concurrency", "peak_conc", "{}"),
+        ("mean_concurrency", "mean_conc", "{:.1f}"),
+        ("kv_over_budget_steps", "over_budget", "{}"),
+        ("overhead_s", "sched_s", "{:.3f}"),
+    ]
+    cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) for k, _, f in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
 
 
 def format_rows(rows: list[dict], mode: str) -> str:
