@@ -1,4 +1,5 @@
-"""Benchmarks `python -m rl.bench {step,sync,trl}`: pieces in-process, then each at toy size.
+"""Benchmarks `python -m rl.bench ...`: the CLI, pieces in-process, `rewards` at toy size, then
+`step`, `sync`, `trl` at toy size.
 
 The `slow` tests start Ray and vLLM on a tiny random model (minutes); the TRL one skips when
 trl (the optional `bench` extra) is not installed.
@@ -70,10 +71,48 @@ def test_packer_reuses_buffers_and_sees_new_values():
     assert all(torch.equal(unflatten_weights(second)[k], v.to(torch.bfloat16)) for k, v in named.items())
 
 
-def test_memcpy_bandwidth_is_positive():
+def test_memcpy_bandwidth_is_bytes_over_the_best_copy_time(monkeypatch):
+    from rl.bench import sync
+
+    # A clock that advances 0.5 s per reading: every timed copy takes exactly 0.5 s, so the
+    # bandwidth must be the byte count / 0.5 s in GB/s (1e9 bytes), whatever the machine; and
+    # every copy (one untimed, then one per repeat) must move exactly that many bytes.
+    clock = iter(range(10**6))
+    monkeypatch.setattr(sync.time, "perf_counter", lambda: next(clock) * 0.5)
+    copied = []
+    real_copy = torch.Tensor.copy_
+
+    def counting_copy(dst, src, *a, **kw):
+        copied.append((dst.numel() * dst.element_size(), src.numel() * src.element_size()))
+        return real_copy(dst, src, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
+    nbytes = 3 << 20
+    assert sync.memcpy_gbps(nbytes, repeats=3) == nbytes / 0.5 / 1e9
+    assert copied == [(nbytes, nbytes)] * 4
+
+
+def test_memcpy_bandwidth_agrees_with_an_independent_timing():
+    import time
+
+    import numpy as np
+
     from rl.bench.sync import memcpy_gbps
 
-    assert memcpy_gbps(1 << 20, repeats=2) > 0
+    nbytes = 32 << 20
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    np.copyto(dst, src)  # fault in the pages
+    ours, independent = [], []
+    for _ in range(3):  # interleaved, so load from other jobs hits both alike
+        ours.append(memcpy_gbps(nbytes, repeats=3))
+        for _ in range(3):
+            t0 = time.perf_counter()
+            np.copyto(dst, src)
+            independent.append(nbytes / (time.perf_counter() - t0) / 1e9)
+    ratio = max(ours) / max(independent)
+    # Same bytes, same kind of copy: within a factor that machine noise stays inside, but that a
+    # wrong byte count or unit (x4 elements, MiB vs bytes, 1e6 vs 1e9) would leave.
+    assert 1 / 4 < ratio < 4, (ours, independent)
 
 
 # --- step bench: phase split from metrics rows -----------------------------------------------
@@ -91,12 +130,33 @@ def test_phase_split_skips_warmup_and_accounts_idle():
     assert split["trained_tok_per_s"] == pytest.approx(150.0)
 
 
-def test_subcommands_are_registered():
-    for name in ("step", "sync", "trl"):
-        assert importlib.util.find_spec(f"rl.bench.{name}") is not None
+EXPECTED_SUBCOMMANDS = {"rollout", "step", "sync", "trl", "objectives", "rewards"}
+
+
+def test_subcommands_are_registered_and_each_help_runs(capsys):
+    assert set(bench.SUBCOMMANDS) == EXPECTED_SUBCOMMANDS
+    for name in sorted(EXPECTED_SUBCOMMANDS):
+        module = importlib.import_module(f"rl.bench.{name}")
+        assert callable(module.add_arguments) and callable(module.run), name
+        with pytest.raises(SystemExit) as e:
+            bench.main([name, "--help"])
+        assert e.value.code == 0, name
+        assert capsys.readouterr().out.startswith(f"usage: python -m rl.bench {name} "), name
     with pytest.raises(SystemExit) as e:
-        bench.main(["trl", "--help"])
-    assert e.value.code == 0
+        bench.main(["no_such_bench"])
+    assert e.value.code == 2
+    assert "invalid choice: 'no_such_bench'" in capsys.readouterr().err
+
+
+def test_rewards_bench_scores_every_sample_and_writes_json(tmp_path, capsys):
+    assert bench.main(["rewards", "--samples", "24", "--workers", "1", "--repeats", "2",
+                       "--completion-chars", "10", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "rewards.json").read_text())["rows"]
+    assert [r["function"] for r in rows] == ["plain (per-sample)", "trl (batch)"]
+    for r in rows:
+        assert r["samples"] == 24 and r["repeats"] == 2
+        assert 0 < r["best_ms_per_sample"] <= r["median_ms_per_sample"] and r["startup_s"] > 0
+    assert capsys.readouterr().out.count("ms/sample (median of 2;") == 2
 
 
 # --- each subcommand at toy size (Ray + vLLM) ------------------------------------------------

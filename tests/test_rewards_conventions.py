@@ -204,7 +204,7 @@ def test_verl_ground_truth_mapping():
 
 def test_many_chunks_keep_sample_order():
     # 300 samples -> per-sample chunks of 38 (plain) and one chunk per worker (TRL)
-    fns = load_reward_functions([RewardSpec(path="rewards.bench_overhead:trivial_trl"),
+    fns = load_reward_functions([RewardSpec(path="rl.bench.rewards:trivial_trl"),
                                  RewardSpec(path="length_penalty", kwargs={"budget": 1}, weight=0.0)])
     completions = ["x" * (1 + i % 3) for i in range(300)]
     ex = RewardExecutor(fns, num_workers=2)
