@@ -7,7 +7,7 @@
     loss, metrics = obj.loss(logp, old_logp, adv, mask, ref_logp, entropy,
                              norm=norm, batch_stats=stats)              # per micro-batch / rank
 
-See /work/shared/ALGORITHMS.md for the formulas and worked numbers.
+See docs/ALGORITHMS.md for the formulas and worked numbers.
 """
 
 from .base import Objective, PolicyLossConfig
