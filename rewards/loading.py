@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rewards import registry
-
-CONVENTIONS = ("trl", "verl", "plain")
+from rewards.config import CONVENTIONS, RewardFunctionConfig
+from rewards.errors import RewardError
 
 # The inputs each convention feeds to the function, in positional order.
 _PRIMARY = {
@@ -47,40 +47,6 @@ _SIGNATURE_HELP = (
     "`f(prompts, completions, **kwargs)`, verl `compute_score(data_source, solution_str, "
     "ground_truth, extra_info=None)`, or plain `f(prompt, completion, **columns)`."
 )
-
-
-class RewardError(ValueError):
-    """A reward function is misconfigured or failed; the message names the function and the fix."""
-
-
-@dataclass
-class RewardSpec:
-    """One entry of `reward.functions` in the config."""
-
-    path: str
-    """Short registry name (`math_verify`), `module:function`, or `path/to/file.py:function`."""
-    weight: float = 1.0
-    """Weight in the combined reward (see RewardExecutor for the None rule)."""
-    name: str | None = None
-    """Name in metrics (`reward/<name>/mean`); default: the registry name or function name."""
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    """Constant keyword arguments passed on every call (they win over same-named columns)."""
-    convention: str | None = None
-    """None = detect from the signature, or one of "trl", "verl", "plain"."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.path, str) or not self.path.strip():
-            raise RewardError(f"reward function path must be a non-empty string, got {self.path!r}.")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
-            raise RewardError(f"reward function {self.path!r}: weight must be a finite number, got {self.weight!r}.")
-        if self.convention is not None and self.convention not in CONVENTIONS:
-            raise RewardError(
-                f"reward function {self.path!r}: convention {self.convention!r} is unknown; "
-                f"use one of {list(CONVENTIONS)} or leave it out to detect it from the signature."
-            )
-        if not isinstance(self.kwargs, dict):
-            raise RewardError(f"reward function {self.path!r}: kwargs must be a mapping, got {self.kwargs!r}.")
-        self.kwargs = dict(self.kwargs)  # omegaconf DictConfig -> plain dict, picklable
 
 
 @dataclass(frozen=True)
@@ -312,7 +278,7 @@ def make_plan(fn: Callable[..., Any], label: str, convention: str | None, kwargs
     return CallPlan(convention, _is_async(fn), positional, keyword, column_params, required, var_kwargs)
 
 
-def load_reward_function(spec: RewardSpec) -> LoadedReward:
+def load_reward_function(spec: RewardFunctionConfig) -> LoadedReward:
     """Import and check one function (see `load_reward_functions`)."""
     fn, resolved = import_callable(spec.path)
     plan = make_plan(fn, spec.path, spec.convention, spec.kwargs)
@@ -325,18 +291,18 @@ def load_reward_function(spec: RewardSpec) -> LoadedReward:
     return LoadedReward(name, resolved, float(spec.weight), dict(spec.kwargs), plan, fn)
 
 
-def load_reward_functions(specs: list[RewardSpec | dict[str, Any]]) -> list[LoadedReward]:
+def load_reward_functions(specs: list[RewardFunctionConfig | dict[str, Any]]) -> list[LoadedReward]:
     """Load every configured reward function; RewardError on the first mistake.
 
-    Accepts RewardSpec objects or plain dicts with the same keys (as YAML gives them).
+    Accepts `reward.functions` entries (RewardFunctionConfig) or plain dicts with the same keys (as YAML gives them).
     """
     if not specs:
         raise RewardError("no reward functions configured. Fix: add at least one entry to `reward.functions`.")
     loaded = []
     for spec in specs:
-        if not isinstance(spec, RewardSpec):
+        if not isinstance(spec, RewardFunctionConfig):
             try:
-                spec = RewardSpec(**dict(spec))
+                spec = RewardFunctionConfig(**dict(spec))
             except TypeError as exc:
                 raise RewardError(f"reward function entry {spec!r} is invalid ({exc}). Fix: use the keys "
                                   "path, weight, name, kwargs, convention.") from exc

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ray
 
 from rl.config import Config
-from rl.learner import Learner, LearnerSettings, TrainBatch
+from rl.learner import Learner, TrainBatch
 from rollout.records import RolloutResult, SampleRequest
 from rollout.worker import RolloutWorker
 
@@ -121,32 +123,37 @@ class RolloutGroup:
 class LearnerGroup:
     """Data-parallel learners; rank 0 exports weights and writes checkpoints."""
 
-    def __init__(self, config: Config, settings: LearnerSettings):
+    def __init__(self, config: Config, model_path: str, init_weights_path: str | None = None):
         n = config.learner.workers
         opts = _actor_options(config)
         env = {"runtime_env": {"env_vars": ACTOR_ENV}}
-        self.workers = [LearnerActor.options(**opts, **env).remote(settings, rank, n)
-                        for rank in range(n)]
+        model = dataclasses.replace(config.model, path=model_path)
+        self.workers = [LearnerActor.options(**opts, **env).remote(
+            model, config.learner, config.objective, temperature=config.rollout.temperature,
+            seed=config.trainer.seed, init_weights_path=init_weights_path, rank=rank, world_size=n)
+            for rank in range(n)]
         self.rank0 = self.workers[0]
         # fsdp: reading the full weights gathers shards from every rank, so every rank runs
         # those calls (scoring, weight export) and rank 0's result is used.
         sharded = config.learner.strategy == "fsdp" and n > 1
-        self.exporters = self.workers if sharded else [self.rank0]
+        self.full_weight_readers = self.workers if sharded else [self.rank0]
+        """The ranks that run every call reading the full weights, rank 0 first."""
         if n > 1:
             # Rank 0 hosts the group's store on its own node, wherever Ray placed it.
             address = ray.get(self.rank0.endpoint.remote())
             ray.get([w.join_data_parallel.remote(address) for w in self.workers])
 
-    def update(self, shards: list[TrainBatch]) -> dict:
-        results = ray.get([w.update.remote(s) for w, s in zip(self.workers, shards)])
-        return results[0]  # metrics are already reduced over ranks
+    def update(self, shards: list[TrainBatch]) -> tuple[dict, object]:
+        """One optimizer step on every rank -> (metrics, the objective's batch statistics);
+        both are the same on every rank (reduced among the learners), rank 0's are returned."""
+        return ray.get([w.update.remote(s) for w, s in zip(self.workers, shards)])[0]
 
     def call_all(self, method: str, *args):
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def call_rank0(self, method: str, *args):
+    def rank0_result(self, method: str, *args):
         """Rank 0's result of `method` (run on every rank when the model is sharded)."""
-        return ray.get([getattr(w, method).remote(*args) for w in self.exporters])[0]
+        return ray.get([getattr(w, method).remote(*args) for w in self.full_weight_readers])[0]
 
     def shutdown(self) -> None:
         for w in self.workers:

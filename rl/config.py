@@ -11,11 +11,13 @@ before Ray starts.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rewards.config import RewardConfig, RewardFunctionConfig
 from rl.errors import ConfigError
 
 
@@ -141,41 +143,28 @@ class ObjectiveConfig:
     params: dict[str, Any] = field(default_factory=dict)
     """Its hyperparameters; written in YAML next to `name` (e.g. `objective.eps_high: 0.28`)."""
 
-
-@dataclass
-class RewardFunctionConfig:
-    path: str = "arithmetic"
-    """`module:function`, `path/to/file.py:function`, or a built-in name."""
-    weight: float = 1.0
-    """Weight in the weighted sum of rewards."""
-    name: str | None = None
-    """Name in metrics (default: the function's name)."""
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments passed on every call."""
-    convention: str | None = None
-    """trl | verl | plain; null detects it from the signature."""
-
-
-@dataclass
-class RewardConfig:
-    functions: list[RewardFunctionConfig] = field(
-        default_factory=lambda: [RewardFunctionConfig()])
-    """Reward functions, summed with their weights."""
-    timeout_s: float = 10.0
-    """Seconds one call may take before it counts as a timeout."""
-    on_error: str = "raise"
-    """raise | skip_group | value: what a failing or timed-out call does."""
-    error_value: float = 0.0
-    """Reward used for a failed call when on_error is `value` (counted in reward/errors)."""
-    workers: int = 2
-    """Reward worker processes."""
-
     def __post_init__(self):
-        _choice("reward.on_error", self.on_error, ("raise", "skip_group", "value"))
-        _positive("reward.workers", self.workers)
-        if not self.functions:
-            raise ConfigError("reward.functions is empty: name at least one reward function, "
-                              "e.g. `reward.functions=[{path: arithmetic}]`.")
+        from rl.objectives import OBJECTIVES, get_objective, objective_defaults
+
+        if self.name not in OBJECTIVES:
+            raise ConfigError(f"objective.name = {self.name!r} is not registered. "
+                              f"Valid objectives: {', '.join(OBJECTIVES)}.")
+        self.params = dict(self.params)
+        valid = objective_defaults(self.name)
+        for key in self.params:
+            if key not in valid:
+                raise ConfigError(f"Unknown key objective.{key} for objective {self.name!r}. "
+                                  f"Valid keys: name, {', '.join(valid)}.")
+        try:
+            get_objective(self.name, **self.params)
+        except ValueError as e:
+            raise ConfigError(f"objective: {e}") from None
+
+    def build(self):
+        """The objective object (rl.objectives.Objective) this section describes."""
+        from rl.objectives import get_objective
+
+        return get_objective(self.name, **self.params)
 
 
 @dataclass
@@ -230,6 +219,15 @@ class LearnerConfig:
         if self.lr <= 0:
             raise ConfigError(f"learner.lr = {self.lr} must be > 0.")
 
+    @property
+    def resolved_layout(self) -> str:
+        """`layout` with auto decided: shared_prompt, except padded under gradient checkpointing
+        (which turns the KV cache off) and under fsdp (two passes per chunk would need matching
+        collectives on every rank)."""
+        if self.layout != "auto":
+            return self.layout
+        return "padded" if self.gradient_checkpointing or self.strategy == "fsdp" else "shared_prompt"
+
 
 @dataclass
 class TrainerConfig:
@@ -268,6 +266,12 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
+    def __post_init__(self):
+        # Checks that span two sections; each section checks its own fields.
+        if self.learner.strategy == "fsdp" and self.model.lora.rank > 0:
+            raise ConfigError(f"learner.strategy = 'fsdp' with model.lora.rank = {self.model.lora.rank}: LoRA "
+                              "adapters are small enough to replicate; use learner.strategy: replicate with LoRA.")
+
 
 def _positive(name: str, value: int) -> None:
     if value <= 0:
@@ -279,100 +283,100 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} = {value!r} is not valid: use one of {', '.join(choices)}.")
 
 
-# --- building dataclasses from plain dicts, with errors that name the field ---------------
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys to values, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        section = prefix or "the top level"
-        raise ConfigError(
-            f"Unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {section}. "
-            f"Valid keys of {section}: {', '.join(fields)}.")
-    kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _convert(hint: Any, value: Any, name: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, name)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, name)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} = {value!r} must be a list.")
-        return [_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name} = {value!r} must be a mapping.")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not (isinstance(value, hint)
-                                               and not (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{name} = {value!r} has the wrong type: expected {hint.__name__}, "
-                          f"got {type(value).__name__}.")
-    return value
-
-
 def _split_objective(raw: dict) -> dict:
-    """`objective: {name, k: v...}` -> `{name, params: {k: v}}`, validated by the registry."""
-    from rl.objectives import OBJECTIVES, objective_defaults
-
-    section = dict(raw.get("objective") or {})
+    """`objective: {name, k: v...}` (the YAML form) -> `{name, params: {k: v}}` (the schema's)."""
+    section = raw.get("objective")
+    if section is None:
+        return raw
+    if not isinstance(section, dict):
+        raise ConfigError(f"objective = {section!r} must be a mapping, e.g. `objective: {{name: grpo}}`.")
+    section = dict(section)
+    params = dict(section.pop("params", None) or {})
     name = section.pop("name", ObjectiveConfig.name)
-    params = section.pop("params", {}) or {}
     params.update(section)
-    if name not in OBJECTIVES:
-        raise ConfigError(f"objective.name = {name!r} is not registered. "
-                          f"Valid objectives: {', '.join(OBJECTIVES)}.")
-    valid = objective_defaults(name)
-    for key in params:
-        if key not in valid:
-            raise ConfigError(f"Unknown key objective.{key} for objective {name!r}. "
-                              f"Valid keys: name, {', '.join(valid)}.")
     raw["objective"] = {"name": name, "params": params}
     return raw
 
 
+def _field_at(full_key: str) -> tuple[type | None, str, Any]:
+    """(the dataclass that holds `full_key`, its section name, the field's type hint).
+
+    `full_key` is OmegaConf's dotted path, e.g. `reward.functions[0].weight`.
+    """
+    cls: Any = Config
+    section = ""
+    parts = [p for p in full_key.replace("[", ".[").split(".") if p]
+    hint: Any = None
+    for i, part in enumerate(parts):
+        if part.startswith("["):  # a list item: descend into the element type
+            args = typing.get_args(hint)
+            hint = args[0] if args else None
+            cls = hint if dataclasses.is_dataclass(hint) else None
+            continue
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None, section, None
+        hints = typing.get_type_hints(cls)
+        if i == len(parts) - 1 or part not in hints:
+            return cls, section, hints.get(part)
+        hint = hints[part]
+        section = ".".join(parts[: i + 1]).replace(".[", "[")
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        cls = hint if dataclasses.is_dataclass(hint) else (inner[0] if inner and dataclasses.is_dataclass(inner[0]) else None)
+    return cls, section, hint
+
+
+def _type_name(hint: Any) -> str:
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and inner:
+        hint = inner[0]
+    return getattr(hint, "__name__", str(hint))
+
+
+def _schema_error(e: Exception) -> ConfigError:
+    """OmegaConf's error for an unknown key or a wrong type -> one paragraph naming the field."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    full_key = str(getattr(e, "full_key", "") or "")
+    cls, section, hint = _field_at(full_key)
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)) or (cls is not None and hint is None):
+        where = section or "the top level"
+        valid = ", ".join(f.name for f in dataclasses.fields(cls)) if cls is not None else ""
+        return ConfigError(f"Unknown key {full_key} in {where}. Valid keys of {where}: {valid}.")
+    value = getattr(e, "value", None)
+    return ConfigError(f"{full_key} = {value!r} has the wrong type: expected {_type_name(hint)}, "
+                       f"got {type(value).__name__}.")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (optional), apply `key=value` overrides, validate into a `Config`."""
+    """Read YAML (optional), apply `key=value` overrides, merge onto the typed schema
+    (`OmegaConf.structured(Config)`), and build the dataclasses, whose `__post_init__` checks run."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        base = OmegaConf.create({})
+        user = OmegaConf.create({})
         if path is not None:
             path = Path(path)
             if not path.exists():
                 raise ConfigError(f"Config file {str(path)!r} does not exist. "
                                   f"Pass a YAML file, e.g. configs/quickstart.yaml.")
-            base = OmegaConf.load(path)
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
-        raw = OmegaConf.to_container(merged, resolve=True)
+            user = OmegaConf.load(path)
+        user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides or [])))
+        raw = OmegaConf.to_container(user, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"Could not read the config ({path}, overrides {overrides}): {e}") from None
-    raw = _split_objective(raw or {})
-    config = _build(Config, raw, "")
-    if config.learner.strategy == "fsdp" and config.model.lora.rank > 0:
-        raise ConfigError(f"learner.strategy = 'fsdp' with model.lora.rank = {config.model.lora.rank}: LoRA "
-                          "adapters are small enough to replicate; use learner.strategy: replicate with LoRA.")
-    from rl.objectives import get_objective
+    if not isinstance(raw, dict):
+        raise ConfigError(f"The config must be a mapping of sections (model, data, ...), got {raw!r}.")
+    raw = _split_objective(raw)
     try:
-        get_objective(config.objective.name, **config.objective.params)
-    except ValueError as e:
-        raise ConfigError(f"objective: {e}") from None
-    return config
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise _schema_error(e) from None
+    except ValueError as e:  # a section's own check (rewards, scheduling) with its own error type
+        raise ConfigError(str(e)) from None
 
 
 def config_to_dict(config: Config) -> dict:

@@ -78,7 +78,7 @@ def _check_hub_model(name: str) -> None:
 def preflight(config: Config) -> Prepared:
     from transformers import AutoTokenizer
 
-    from rewards import RewardError, RewardSpec, load_reward_functions
+    from rewards import RewardError, load_reward_functions
     from rl.data import PromptSource
 
     model_path = resolve_model_path(config.model.path)
@@ -88,10 +88,8 @@ def preflight(config: Config) -> Prepared:
         raise UserError(f"model.path = {config.model.path!r}: the tokenizer could not be loaded "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
     prompts = PromptSource(config.data, tokenizer, seed=config.trainer.seed)
-    specs = [RewardSpec(path=f.path, weight=f.weight, name=f.name, kwargs=dict(f.kwargs),
-                        convention=f.convention) for f in config.reward.functions]
     try:
-        reward_fns = load_reward_functions(specs)
+        reward_fns = load_reward_functions(config.reward.functions)
     except RewardError as e:
         raise UserError(f"reward.functions: {e}") from None
     return Prepared(config, model_path, tokenizer, prompts, reward_fns)

@@ -13,30 +13,14 @@ import ray
 import torch
 from tqdm import tqdm
 
+from rl.batches import ScoredBatch, ScoredGroup, make_train_shards, split_groups
 from rl.config import config_to_dict
 from rl.errors import ConfigError, SyncError
-from rl.learner import LearnerSettings, TrainBatch
 from rl.metrics import MetricsLogger
-from rl.packing import split_across_ranks
+from rl.step_metrics import merge_batches, reward_summary, rollout_metrics, summary_line
 from rollout.records import Sample, SampleRequest
 
 STATE_FILE = "trainer_state.json"
-
-
-@dataclasses.dataclass
-class ScoredBatch:
-    """One step's training material: sampled groups with their (shaped) rewards."""
-
-    samples: list[Sample]
-    """Sorted by (group_id, sample_index); group ids unique across generation batches."""
-    rewards: list[float]
-    """[len(samples)] reward after objective shaping (DAPO overlong penalty)."""
-    valid: list[bool]
-    """[len(samples)] False: dropped by reward.on_error."""
-    metrics: dict
-    """Rollout, reward, dynamic-sampling and logits-processor metrics over every sample drawn."""
-    failures: list[str]
-    """Reward failures, one line each."""
 
 
 class Trainer:
@@ -47,7 +31,7 @@ class Trainer:
         from rl.actors import LearnerGroup, RolloutGroup, weight_sync_method
         from rl.weight_sync import WeightSync
 
-        self.p = prepared
+        self.prepared = prepared
         self.config = c = prepared.config
         self.out = Path(c.trainer.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +42,7 @@ class Trainer:
         if resume:
             state = json.loads((Path(resume) / STATE_FILE).read_text())
             self.start_step = int(state["step"])
-            self.p.prompts.load_state_dict(state["data"])
+            prepared.prompts.load_state_dict(state["data"])
             self.rollout_extra_args = state.get("rollout_extra_args", self.rollout_extra_args)
             random.setstate(_tuple_state(state["python_rng"]))
         else:
@@ -68,54 +52,42 @@ class Trainer:
         # the rows logged after its checkpoint. Either way each step appears once.
         self.logger.truncate_after(self.start_step)
 
-        full_ft_resume = resume if (resume and c.model.lora.rank == 0) else None
-        settings = LearnerSettings(
-            model_path=prepared.model_path, dtype=c.model.dtype, lora_rank=c.model.lora.rank,
-            lora_alpha=c.model.lora.alpha, lora_dropout=c.model.lora.dropout,
-            lora_target_modules=list(c.model.lora.target_modules), objective=c.objective.name,
-            objective_params=dict(c.objective.params), lr=c.learner.lr, weight_decay=c.learner.weight_decay,
-            warmup_steps=c.learner.warmup_steps, grad_clip=c.learner.grad_clip,
-            micro_batch_tokens=c.learner.micro_batch_tokens, temperature=c.rollout.temperature,
-            gradient_checkpointing=c.learner.gradient_checkpointing, seed=c.trainer.seed,
-            layout=c.learner.layout, packed_row_tokens=c.learner.packed_row_tokens,
-            attn_implementation=c.learner.attn_implementation, strategy=c.learner.strategy,
-            init_weights_path=full_ft_resume)
         # Rollout engines are re-seeded on resume so a continued run does not replay samples.
         rollout_seed = c.trainer.seed + 7919 * self.start_step
+        processor = self.objective.rollout_logits_processor
         self.rollout = RolloutGroup(c, prepared.model_path, rollout_seed,
-                                    logits_processors=[self.rollout_processor] if self.rollout_processor else None)
-        self.learners = LearnerGroup(c, settings)
-        self.weight_sync = WeightSync(weight_sync_method(c), self.learners.exporters, self.rollout.workers,
-                                      int(c.rollout.weight_bucket_mb * 2**20))
+                                    logits_processors=[processor] if processor else None)
+        full_ft_resume = resume if (resume and c.model.lora.rank == 0) else None
+        self.learners = LearnerGroup(c, prepared.model_path, init_weights_path=full_ft_resume)
+        self.weight_sync = WeightSync(weight_sync_method(c), self.learners.full_weight_readers,
+                                      self.rollout.workers, int(c.rollout.weight_bucket_mb * 2**20))
         if resume:
             self.learners.call_all("load_training_state", resume)
-        self.rewards = RewardExecutor(prepared.reward_fns, timeout_s=c.reward.timeout_s,
-                                      on_error=c.reward.on_error, error_value=c.reward.error_value,
-                                      num_workers=c.reward.workers)
+        r = c.reward
+        self.rewards = RewardExecutor(prepared.reward_fns, timeout_s=r.timeout_s, on_error=r.on_error,
+                                      error_value=r.error_value, num_workers=r.workers)
         self.canary_ids = prepared.tokenizer(c.trainer.canary_prompt)["input_ids"]
         self.canary_tokens: list[int] | None = None  # sampled at the first check (verify_sync)
         tol = c.trainer.sync_tolerance
         # 16-bit: the two sides round differently (vLLM keeps bf16 weights and activations, the
-        # learner fp32 weights under autocast); measured on SmolLM2: mean 0.02-0.07, max up to
-        # 0.23 over 20 steps. A stale or wrong weight shifts every token by ~1.
+        # learner fp32 weights under autocast). A stale or wrong weight shifts every token by ~1.
         self.sync_tolerance = tol if tol is not None else (1e-3 if c.model.dtype == "float32" else 1.0)
         if resume:
             self.sync_weights()  # rollout engines start from model.path; bring them up to date
 
     def setup_objective(self) -> None:
-        """The objective and its driver-side hooks, found as attributes (no if/elif on names):
-        HAPO samples through a vLLM logits processor fed with the last step's statistics; DAPO
-        shapes rewards and filters groups (dynamic sampling, up to max_gen_batches batches)."""
-        from rl.objectives import get_objective
-
-        c = self.config
-        self.objective = get_objective(c.objective.name, **c.objective.params)
-        self._check_reward_shaping()
-        self.rollout_processor = getattr(self.objective, "rollout_logits_processor", None)
-        self.rollout_extra_args = (self.objective.rollout_sampling_args(None)
-                                   if self.rollout_processor else None)
-        self.max_gen_batches = (getattr(self.objective.cfg, "max_gen_batches", 1)
-                                if hasattr(self.objective, "keep_groups") else 1)
+        """The objective, checked against the response length before any actor starts, and the
+        sampling arguments of the first rollout (HAPO: none of its statistics yet)."""
+        self.objective = self.config.objective.build()
+        self.max_response_len = self.objective.cfg.max_response_len or self.config.rollout.max_new_tokens
+        try:
+            self.objective.check_response_length(self.max_response_len)
+        except ValueError as e:
+            raise ConfigError(
+                f"objective {self.config.objective.name}: {e} (max response length {self.max_response_len} = "
+                f"objective.max_response_len or rollout.max_new_tokens). Fix: set objective.overlong_buffer_len "
+                f"below it (the DAPO paper uses 4096 of 20480), or objective.overlong_shaping=false.") from None
+        self.rollout_extra_args = self.objective.rollout_sampling_args(None)
 
     # --- one step, top to bottom ------------------------------------------------------
 
@@ -125,50 +97,58 @@ class Trainer:
         bar = tqdm(range(self.start_step + 1, c.trainer.total_steps + 1), desc="train",
                    initial=self.start_step, total=c.trainer.total_steps, unit="step", dynamic_ncols=True)
         for step in bar:
-            t_step = time.perf_counter()
-            # prompts -> rollout -> rewards (several generation batches under dynamic sampling)
-            bar.set_description_str(f"step {step}: rollout + reward")
-            batch = self.sample_and_score()
-
-            bar.set_description_str(f"step {step}: train")
-            t0 = time.perf_counter()
-            shards, adv_metrics = self.make_train_batches(batch.samples, batch.rewards, batch.valid)
-            train_metrics = self.learners.update(shards)
-            t_train = time.perf_counter() - t0
-
-            bar.set_description_str(f"step {step}: sync")
-            sync_metrics = self.sync_weights()
-            if self.rollout_processor:  # HAPO: the next rollout uses this step's entropy statistics
-                self.rollout_extra_args = self.objective.rollout_sampling_args(shards[0].batch_stats)
-
-            metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics,
-                       "time/train": t_train, "time/step": time.perf_counter() - t_step}
-            for line in batch.failures[:3]:
-                tqdm.write(f"reward failure: {line}")
-            if c.trainer.checkpoint_every and step % c.trainer.checkpoint_every == 0 or step == c.trainer.total_steps:
-                t0 = time.perf_counter()
-                self.save_checkpoint(step)
-                metrics["time/checkpoint"] = time.perf_counter() - t0
-            self.logger.log(step, metrics)
+            metrics = self.step(step, bar)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['response_length/mean']:.0f}")
-            tqdm.write(_summary_line(step, metrics))
+            tqdm.write(summary_line(step, metrics))
             last = {"step": step, **metrics}
         bar.close()
         return last
 
+    def step(self, step: int, bar) -> dict:
+        c = self.config
+        t_step = time.perf_counter()
+        bar.set_description_str(f"step {step}: rollout + reward")
+        batch = self.sample_and_score()  # prompts -> rollout -> rewards (-> more, under dynamic sampling)
+
+        bar.set_description_str(f"step {step}: train")
+        t0 = time.perf_counter()
+        shards, adv_metrics = make_train_shards(self.objective, batch, len(self.learners.workers),
+                                                self.max_response_len)
+        train_metrics, batch_stats = self.learners.update(shards)
+        t_train = time.perf_counter() - t0
+
+        bar.set_description_str(f"step {step}: sync")
+        sync_metrics = self.sync_weights()
+        # HAPO: the next rollout samples with this update's entropy statistics
+        self.rollout_extra_args = self.objective.rollout_sampling_args(batch_stats)
+
+        metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics,
+                   "time/train": t_train, "time/step": time.perf_counter() - t_step}
+        for line in batch.failures[:3]:
+            tqdm.write(f"reward failure: {line}")
+        if c.trainer.checkpoint_every and step % c.trainer.checkpoint_every == 0 or step == c.trainer.total_steps:
+            t0 = time.perf_counter()
+            self.save_checkpoint(step)
+            metrics["time/checkpoint"] = time.perf_counter() - t0
+        self.logger.log(step, metrics)
+        return metrics
+
     def sample_and_score(self) -> ScoredBatch:
         """Prompts -> rollout -> rewards -> objective shaping, in generation batches of
-        prompts_per_step prompts. Without a group filter that is one batch. With DAPO's dynamic
-        sampling (arXiv:2503.14476) groups whose rewards are all equal (zero advantage, no
-        gradient) are dropped and more prompts are drawn until prompts_per_step groups are kept,
-        at most max_gen_batches batches; if none is kept, the last batch trains as it is."""
+        prompts_per_step prompts. Without dynamic sampling that is one batch. With DAPO's
+        (arXiv:2503.14476) groups the objective does not keep (all rewards equal: zero
+        advantage, no gradient) are dropped and more prompts are drawn until prompts_per_step
+        groups are kept, at most max_gen_batches batches; if none is kept, the last batch
+        trains as it is."""
         want = self.config.data.prompts_per_step
-        kept: list[tuple[list[Sample], list[float], list[bool]]] = []  # one entry per kept group
-        drawn, rollout_rows, reward_rows, raw, failures = [], [], [], [], []
+        obj = self.objective
+        drawn: list[ScoredGroup] = []
+        kept: list[ScoredGroup] = []
+        rollout_rows, reward_rows, raw, failures = [], [], [], []
         t_generate = t_reward = 0.0
         num_prompts = 0
-        for gen_batch in range(1, self.max_gen_batches + 1):
-            prompts = self.p.prompts.next_batch()
+        for gen_batch in range(1, obj.max_gen_batches + 1):
+            prompts = self.prepared.prompts.next_batch()
             t0 = time.perf_counter()
             samples, rollout_stats = self.generate(prompts)
             t_generate += time.perf_counter() - t0
@@ -182,68 +162,40 @@ class Trainer:
             # group ids (prompt indices) unique across the step's generation batches
             samples = [dataclasses.replace(s, group_id=s.group_id + num_prompts) for s in samples]
             num_prompts += len(prompts)
-            rewards = self.shape_rewards(samples, reward.rewards)
-            groups = _split_groups(samples, rewards, reward.valid)
+            lengths = torch.tensor([len(s.response_ids) for s in samples])
+            rewards = obj.shape_rewards(torch.tensor(reward.rewards, dtype=torch.float64), lengths,
+                                        max_len=self.max_response_len).tolist()
+            groups = split_groups(samples, rewards, reward.valid)
             drawn += groups
             kept += [g for g in groups if self.keep_group(g)]
             rollout_rows.append(rollout_stats)
             reward_rows.append(reward.metrics)
-            raw += [(r, v) for r, v in zip(reward.rewards, reward.valid)]
+            raw += list(zip(reward.rewards, reward.valid))
             failures += reward.failures
             if len(kept) >= want:
                 break
         used = kept[:want] if kept else drawn[-want:]
-        all_samples = [s for g in drawn for s in g[0]]
-        metrics = {**_rollout_metrics(all_samples, _merge_batches(rollout_rows)), **_merge_batches(reward_rows),
-                   **_reward_summary([r for r, _ in raw], [v for _, v in raw]),
+        metrics = {**rollout_metrics([s for g in drawn for s in g.samples], merge_batches(rollout_rows)),
+                   **merge_batches(reward_rows), **reward_summary([r for r, _ in raw], [v for _, v in raw]),
                    "time/generate": t_generate, "time/reward": t_reward}
-        if hasattr(self.objective, "shape_rewards"):
-            shaped = [r for g in used for r, v in zip(g[1], g[2]) if v] or [0.0]
-            metrics["reward/shaped_mean"] = statistics.fmean(shaped)
-        if hasattr(self.objective, "keep_groups"):
+        if obj.shapes_rewards:
+            metrics["reward/shaped_mean"] = statistics.fmean([r for g in used for r in g.valid_rewards()] or [0.0])
+        if obj.uses_dynamic_sampling:
             metrics.update({"dynamic_sampling/gen_batches": float(gen_batch),
                             "dynamic_sampling/kept_groups": float(len(kept)),
                             "dynamic_sampling/dropped_groups": float(len(drawn) - len(kept)),
                             "dynamic_sampling/trained_groups": float(len(used))})
-        if self.rollout_processor:
+        if obj.rollout_logits_processor:
             metrics.update(self.rollout.logits_processor_metrics())
-        return ScoredBatch([s for g in used for s in g[0]], [r for g in used for r in g[1]],
-                           [v for g in used for v in g[2]], metrics, failures)
+        return ScoredBatch(used, metrics, failures)
 
-    def shape_rewards(self, samples: list[Sample], rewards: list[float]) -> list[float]:
-        """The objective's reward shaping (DAPO: overlong penalty on response length), if any."""
-        shape = getattr(self.objective, "shape_rewards", None)
-        if shape is None:
-            return list(rewards)
-        lengths = torch.tensor([len(s.response_ids) for s in samples])
-        return shape(torch.tensor(rewards, dtype=torch.float64), lengths, max_len=self._max_response_len()).tolist()
-
-    def keep_group(self, group: tuple[list[Sample], list[float], list[bool]]) -> bool:
+    def keep_group(self, group: ScoredGroup) -> bool:
         """The objective's group filter (DAPO dynamic sampling) on one group's valid samples."""
-        keep_groups = getattr(self.objective, "keep_groups", None)
-        rewards = [r for r, v in zip(group[1], group[2]) if v]
-        if keep_groups is None:
-            return True
+        rewards = group.valid_rewards()
         if not rewards:
             return False
-        return bool(keep_groups(torch.tensor(rewards, dtype=torch.float64),
-                                torch.zeros(len(rewards), dtype=torch.long)).all())
-
-    def _max_response_len(self) -> int:
-        return self.objective.cfg.max_response_len or self.config.rollout.max_new_tokens
-
-    def _check_reward_shaping(self) -> None:
-        """Fail before any actor starts when the shaping cannot work at this response length."""
-        if not hasattr(self.objective, "shape_rewards"):
-            return
-        try:
-            self.objective.shape_rewards(torch.zeros(1), torch.zeros(1), max_len=self._max_response_len())
-        except ValueError as e:
-            raise ConfigError(
-                f"objective {self.config.objective.name}: {e} (max response length "
-                f"{self._max_response_len()} = objective.max_response_len or rollout.max_new_tokens). "
-                f"Fix: set objective.overlong_buffer_len below it (the DAPO paper uses 4096 of 20480), "
-                f"or objective.overlong_shaping=false.") from None
+        return bool(self.objective.keep_groups(torch.tensor(rewards, dtype=torch.float64),
+                                               torch.zeros(len(rewards), dtype=torch.long)).all())
 
     def generate(self, prompts) -> tuple[list[Sample], dict]:
         r = self.config.rollout
@@ -261,44 +213,6 @@ class Trainer:
             "rollout/preemptions": sum(s.preemptions for s in stats),
             "rollout/scheduler_seconds": sum(s.scheduler_seconds for s in stats),
         }
-
-    def make_train_batches(self, samples: list[Sample], rewards: list[float], valid: list[bool]):
-        """Advantages over the whole batch (groups intact), then one shard per learner rank."""
-        keep = [i for i, v in enumerate(valid) if v and samples[i].response_ids]
-        samples = [samples[i] for i in keep]
-        rewards_t = torch.tensor([rewards[i] for i in keep], dtype=torch.float32)
-        group = torch.tensor([s.group_id for s in samples], dtype=torch.long)
-        T = max(len(s.response_ids) for s in samples)
-        mask = torch.zeros(len(samples), T, dtype=torch.bool)
-        logp = torch.zeros(len(samples), T)
-        for i, s in enumerate(samples):
-            mask[i, :len(s.response_ids)] = True
-            logp[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
-        adv = self.objective.advantages(rewards_t, group, mask, logp=logp)
-        norm = self.objective.loss_norm(mask, max_len=self._max_response_len())
-        batch_stats = None
-        if self.objective.needs_entropy:
-            ent_rows = self.learners.call_all("entropies", [s.prompt_ids for s in samples],
-                                              [s.response_ids for s in samples])[0]
-            entropy = torch.zeros(len(samples), T)
-            for i, row in enumerate(ent_rows):
-                entropy[i, :len(row)] = torch.tensor(row)
-            batch_stats = self.objective.batch_stats(mask, entropy=entropy)
-        shards = []
-        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-        for idx in split_across_ranks(lengths, len(self.learners.workers), [s.group_id for s in samples]):
-            shards.append(TrainBatch(
-                prompt_ids=[samples[i].prompt_ids for i in idx],
-                response_ids=[samples[i].response_ids for i in idx],
-                advantages=[adv[i, :len(samples[i].response_ids)].tolist() for i in idx],
-                rollout_logprobs=[samples[i].logprobs for i in idx],
-                num_tokens=norm.num_tokens, num_seqs=norm.num_seqs, max_len=norm.max_len,
-                batch_stats=batch_stats))
-        valid_adv = adv[mask]
-        metrics = {"adv/mean": float(valid_adv.mean()), "adv/std": float(valid_adv.std()) if valid_adv.numel() > 1 else 0.0,
-                   "train/sequences": float(len(samples)), "train/dropped_sequences": float(len(valid) - len(samples))}
-        metrics.update({k: float(v) for k, v in getattr(self.objective, "last_advantage_metrics", {}).items()})
-        return shards, metrics
 
     # --- weights ----------------------------------------------------------------------
 
@@ -322,7 +236,7 @@ class Trainer:
         if self.canary_tokens is None:
             self.canary_tokens, _ = ray.get(self.rollout.workers[0].canary.remote(self.canary_ids))
         engine_refs = [w.score.remote(self.canary_ids, self.canary_tokens) for w in self.rollout.workers]
-        learner_lp = self.learners.call_rank0("score", self.canary_ids, self.canary_tokens)
+        learner_lp = self.learners.rank0_result("score", self.canary_ids, self.canary_tokens)
         diffs = []
         for i, rollout_lp in enumerate(ray.get(engine_refs)):
             d = [abs(a - b) for a, b in zip(rollout_lp, learner_lp)]
@@ -342,8 +256,8 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         path = self.out / "checkpoints" / f"step_{step}"
-        self.learners.call_all("save_checkpoint", str(path), self.p.model_path)
-        state = {"step": step, "data": self.p.prompts.state_dict(), "python_rng": random.getstate(),
+        self.learners.call_all("save_checkpoint", str(path), self.prepared.model_path)
+        state = {"step": step, "data": self.prepared.prompts.state_dict(), "python_rng": random.getstate(),
                  "config": config_to_dict(self.config), "rollout_extra_args": self.rollout_extra_args}
         (path / STATE_FILE).write_text(json.dumps(state))
         return path
@@ -365,61 +279,3 @@ def _columns(prompts, samples: list[Sample]) -> dict[str, list]:
     cols = {k: [prompts[s.group_id].columns.get(k) for s in samples] for k in keys}
     cols["completion_ids"] = [s.response_ids for s in samples]
     return cols
-
-
-def _split_groups(samples: list[Sample], rewards: list[float], valid: list[bool]):
-    """Samples sorted by group -> [(samples, rewards, valid)] per group, in group order."""
-    groups: dict[int, tuple[list, list, list]] = {}
-    for s, r, v in zip(samples, rewards, valid):
-        members, group_rewards, group_valid = groups.setdefault(s.group_id, ([], [], []))
-        members.append(s)
-        group_rewards.append(r)
-        group_valid.append(v)
-    return [groups[k] for k in sorted(groups)]
-
-
-# Last part of a metric name whose values add up over a step's generation batches.
-_SUMMED = ("seconds", "steps", "count", "none", "errors", "timeouts", "invalid", "unscored",
-           "restarts", "preemptions")
-
-
-def _merge_batches(rows: list[dict]) -> dict:
-    """One step's metrics from those of its generation batches: counts and times add up, peaks
-    and maxima take the max, minima the min, the rest (means, stds) average over batches."""
-    if len(rows) == 1:
-        return dict(rows[0])
-    out = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows if key in r]
-        last = key.rsplit("/", 1)[-1]
-        if "peak" in last or last == "max":
-            out[key] = max(values)
-        elif last == "min":
-            out[key] = min(values)
-        elif last.endswith(_SUMMED):
-            out[key] = sum(values)
-        else:
-            out[key] = statistics.fmean(values)
-    return out
-
-
-def _rollout_metrics(samples: list[Sample], stats: dict) -> dict:
-    lengths = [len(s.response_ids) for s in samples]
-    generated = sum(lengths)
-    return {"response_length/mean": statistics.fmean(lengths), "response_length/max": float(max(lengths)),
-            "response_length/min": float(min(lengths)),
-            "response/truncated_fraction": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "tokens/generated": float(generated),
-            "tokens/generated_per_second": generated / max(stats["rollout/seconds"], 1e-9), **stats}
-
-
-def _reward_summary(rewards: list[float], valid: list[bool]) -> dict:
-    kept = [r for r, v in zip(rewards, valid) if v] or [0.0]
-    return {"reward/mean": statistics.fmean(kept), "reward/std": statistics.pstdev(kept)}
-
-
-def _summary_line(step: int, m: dict) -> str:
-    return (f"step {step}: reward {m['reward/mean']:.3f} ± {m['reward/std']:.3f} | len {m['response_length/mean']:.1f} "
-            f"| loss {m['loss']:+.4f} | entropy {m.get('entropy', float('nan')):.3f} | grad {m['grad_norm']:.3f} "
-            f"| sync Δ {m['sync/max_logprob_diff']:.2e} | gen {m['time/generate']:.1f}s train {m['time/train']:.1f}s "
-            f"sync {m['time/sync']:.1f}s step {m['time/step']:.1f}s")

@@ -28,7 +28,8 @@ class WeightSync:
         if method not in ("object_store", "broadcast"):
             raise ValueError(f"weight sync method {method!r}: use object_store or broadcast")
         self.method = method
-        self.learner, self.helpers = learners[0], list(learners[1:])
+        self.learner = learners[0]
+        self.gathering_ranks = list(learners[1:])  # fsdp: they take part in gathering, rank 0 sends
         self.workers = rollout_workers
         self.metas: list = []
         if method == "broadcast":
@@ -52,13 +53,13 @@ class WeightSync:
         t0 = time.perf_counter()
         if self.method == "broadcast":
             receives = [w.receive_weight_broadcast.remote(self.metas) for w in self.workers]
-            gathers = [h.broadcast_weights.remote() for h in self.helpers]
+            gathers = [h.broadcast_weights.remote() for h in self.gathering_ranks]
             sent, *loads = _get_failing_fast([self.learner.broadcast_weights.remote()] + receives + gathers)
             loads = loads[:len(receives)]
             t_export = sent["seconds"]
         else:
             weights = self.learner.export_flat_weights.remote()
-            gathers = [h.export_flat_weights.remote() for h in self.helpers]
+            gathers = [h.export_flat_weights.remote() for h in self.gathering_ranks]
             ray.wait([weights], fetch_local=False)
             t_export = time.perf_counter() - t0
             loads = ray.get([w.load_weights.remote(weights) for w in self.workers])

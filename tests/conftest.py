@@ -17,3 +17,23 @@ def tiny_untied_model_dir(tmp_path_factory):
     from rl.tiny_model import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny_untied"), tie_word_embeddings=False, arch="llama"))
+
+
+@pytest.fixture(scope="session")
+def make_learner():
+    """A factory: Learner(model_path, "key=value" config overrides..., **Learner kwargs).
+
+    Builds the learner from the config sections exactly as rl.actors.LearnerGroup does.
+    """
+    import dataclasses
+
+    def build(model_path, *overrides, **kwargs):
+        from rl.config import load_config
+        from rl.learner import Learner
+
+        c = load_config(None, list(overrides))
+        kwargs.setdefault("num_threads", 1)
+        return Learner(dataclasses.replace(c.model, path=str(model_path)), c.learner, c.objective,
+                       temperature=c.rollout.temperature, seed=c.trainer.seed, **kwargs)
+
+    return build

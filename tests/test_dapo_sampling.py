@@ -12,7 +12,8 @@ from rewards.combine import RewardResult
 from rl.config import load_config
 from rl.data import Prompt
 from rl.errors import ConfigError
-from rl.trainer import Trainer, _merge_batches
+from rl.step_metrics import merge_batches
+from rl.trainer import Trainer
 from rollout.records import RolloutResult, RolloutStats, Sample
 
 G, MAX_NEW = 4, 16
@@ -69,7 +70,7 @@ def make_trainer(script, overrides, prompts_per_step=2):
     t = Trainer.__new__(Trainer)  # no actors: only the driver-side logic under test
     t.config = config
     t.setup_objective()
-    t.p = SimpleNamespace(prompts=FakeSource(prompts_per_step))
+    t.prepared = SimpleNamespace(prompts=FakeSource(prompts_per_step))
     t.rollout, t.rewards = FakeRollout(script), FakeRewards(script)
     return t
 
@@ -110,7 +111,7 @@ def test_filter_off_and_other_objectives_use_one_batch():
     assert batch.metrics["dynamic_sampling/gen_batches"] == 1 and len(batch.samples) == 2 * G
     t = make_trainer(lambda i: CONSTANT, ["objective.name=grpo"])
     batch = t.sample_and_score()
-    assert t.max_gen_batches == 1 and len(batch.samples) == 2 * G
+    assert t.objective.max_gen_batches == 1 and len(batch.samples) == 2 * G
     assert not any(k.startswith("dynamic_sampling/") for k in batch.metrics)
     assert "reward/shaped_mean" not in batch.metrics
 
@@ -134,7 +135,7 @@ def test_overlong_buffer_longer_than_responses_is_a_config_error():
 
 def test_hapo_sends_sampling_args_and_logs_processor_metrics():
     t = make_trainer(lambda i: MIXED, ["objective.name=hapo", "objective.tau=0.1"])
-    assert t.rollout_processor == "rollout.hapo_temperature:HAPOTemperatureProcessor"
+    assert t.objective.rollout_logits_processor == "rollout.hapo_temperature:HAPOTemperatureProcessor"
     t.rollout.processor_metrics = {"hapo/temperature_mean": 1.01}
     batch = t.sample_and_score()
     # first step: no statistics yet, the processor samples at T
@@ -142,11 +143,11 @@ def test_hapo_sends_sampling_args_and_logs_processor_metrics():
     assert batch.metrics["hapo/temperature_mean"] == 1.01
     t = make_trainer(lambda i: MIXED, ["objective.name=grpo"])
     t.sample_and_score()
-    assert t.rollout_processor is None and t.rollout.calls[0]["extra_args"] is None
+    assert t.objective.rollout_logits_processor is None and t.rollout.calls[0]["extra_args"] is None
 
 
 def test_merge_batches_rules():
     rows = [{"a/seconds": 1.0, "a/peak_kv_tokens": 5, "a/max": 3, "a/min": 2, "a/mean": 1.0},
             {"a/seconds": 2.0, "a/peak_kv_tokens": 7, "a/max": 1, "a/min": 0, "a/mean": 3.0}]
-    assert _merge_batches(rows) == {"a/seconds": 3.0, "a/peak_kv_tokens": 7, "a/max": 3, "a/min": 0,
+    assert merge_batches(rows) == {"a/seconds": 3.0, "a/peak_kv_tokens": 7, "a/max": 3, "a/min": 0,
                                     "a/mean": 2.0}

@@ -24,7 +24,7 @@ def test_two_ranks_equal_one_rank(tiny_model_dir):
 
     from rl.actors import LearnerGroup
     from rl.config import load_config
-    from rl.learner import LearnerSettings, TrainBatch
+    from rl.learner import TrainBatch
     from rl.packing import split_across_ranks
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
@@ -32,20 +32,20 @@ def test_two_ranks_equal_one_rank(tiny_model_dir):
         prompts, responses, adv, lps = _batch()
         n_tok = sum(len(r) for r in responses)
         # token budget small enough that each rank also splits its share into micro-batches
-        settings = LearnerSettings(model_path=tiny_model_dir, dtype="float32", lr=1e-2, micro_batch_tokens=40,
-                                   objective="grpo", objective_params={"loss_agg_mode": "seq-mean-token-mean"})
+        settings = ["model.dtype=float32", "learner.lr=1e-2", "learner.micro_batch_tokens=40",
+                    "objective.name=grpo", "objective.loss_agg_mode=seq-mean-token-mean"]
         grads_by_world = {}
         for world in (1, 2):
-            group = LearnerGroup(load_config(None, [f"learner.workers={world}"]), settings)
+            group = LearnerGroup(load_config(None, [*settings, f"learner.workers={world}"]), tiny_model_dir)
             lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
             shards = [TrainBatch([prompts[i] for i in idx], [responses[i] for i in idx], [adv[i] for i in idx],
                                  [lps[i] for i in idx], n_tok, len(responses), 15)
                       for idx in split_across_ranks(lengths, world)]
-            metrics = group.update(shards)
+            metrics, _ = group.update(shards)
             # The gradient each rank ended with (summed over ranks, before AdamW's step): the
             # weights after AdamW's first step would amplify float rounding of tiny gradients.
             grads = ray.get(group.rank0.__ray_call__.remote(
-                lambda self: {n: p.grad.clone() for n, p in self.model.named_parameters()}))
+                lambda self: {n: p.grad.clone() for n, p in self.policy.net.named_parameters()}))
             grads_by_world[world] = (grads, metrics)
             group.shutdown()
         (w1, m1), (w2, m2) = grads_by_world[1], grads_by_world[2]
@@ -69,7 +69,7 @@ def test_fsdp_two_ranks_equal_one_rank_with_unequal_micro_batch_counts(tiny_mode
     from rl.actors import LearnerGroup
     from rl.config import load_config
     from rl.fsdp import full_tensor
-    from rl.learner import LearnerSettings, TrainBatch
+    from rl.learner import TrainBatch
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
@@ -78,20 +78,20 @@ def test_fsdp_two_ranks_equal_one_rank_with_unequal_micro_batch_counts(tiny_mode
         results = {}
         for strategy, world, split in (("replicate", 1, [list(range(10))]),
                                        ("fsdp", 2, [list(range(8)), [8, 9]])):
-            settings = LearnerSettings(model_path=tiny_model_dir, dtype="float32", lr=1e-3, micro_batch_tokens=40,
-                                       layout="padded", strategy=strategy, objective="grpo",
-                                       objective_params={"loss_agg_mode": "seq-mean-token-mean"})
-            group = LearnerGroup(load_config(None, [f"learner.workers={world}", f"learner.strategy={strategy}"]),
-                                 settings)
+            settings = ["model.dtype=float32", "learner.lr=1e-3", "learner.micro_batch_tokens=40",
+                        "learner.layout=padded", "objective.name=grpo", "objective.loss_agg_mode=seq-mean-token-mean"]
+            group = LearnerGroup(load_config(None, [*settings, f"learner.workers={world}",
+                                                    f"learner.strategy={strategy}"]), tiny_model_dir)
             shards = [TrainBatch([prompts[i] for i in idx], [responses[i] for i in idx], [adv[i] for i in idx],
                                  [lps[i] for i in idx], n_tok, len(responses), 15) for idx in split]
-            metrics = group.update(shards)
+            metrics, _ = group.update(shards)
             # Full gradients and weights: under fsdp each rank gathers its peers' shards (all call).
-            state = ray.get([w.__ray_call__.remote(lambda self: (
-                {n: full_tensor(p.grad).clone() for n, p in self.model.named_parameters()},
-                {n: full_tensor(p.detach()).clone() for n, p in self.model.named_parameters()},
-                type(next(self.model.parameters())).__name__, self._micro_batches_run))
-                for w in group.workers])
+            state = ray.get([w.__ray_call__.remote(lambda self, shard: (
+                {n: full_tensor(p.grad).clone() for n, p in self.policy.net.named_parameters()},
+                {n: full_tensor(p.detach()).clone() for n, p in self.policy.net.named_parameters()},
+                type(next(self.policy.net.parameters())).__name__,
+                len(self.updater.micro_batches.plan(shard.prompt_ids, shard.response_ids))), shard)
+                for w, shard in zip(group.workers, shards)])
             results[strategy] = (metrics, state)
             group.shutdown()
         (m1, [(g1, w1, kind1, _)]), (m2, fsdp_state) = results["replicate"], results["fsdp"]

@@ -7,7 +7,7 @@ import doctest
 import pytest
 
 import rewards.builtin as builtin
-from rewards import RewardExecutor, RewardSpec, load_reward_functions
+from rewards import RewardExecutor, RewardFunctionConfig, load_reward_functions
 from rewards.builtin import (dapo_overlong_reward, exact_match_reward, format_reward, length_penalty,
                              math_verify_reward)
 
@@ -80,8 +80,8 @@ def test_dapo_overlong_in_characters():
 
 def test_builtins_through_the_executor():
     fns = load_reward_functions([
-        RewardSpec(path="math_verify"),
-        RewardSpec(path="dapo_overlong", kwargs={"max_length": 24, "cache_length": 8}),
+        RewardFunctionConfig(path="math_verify"),
+        RewardFunctionConfig(path="dapo_overlong", kwargs={"max_length": 24, "cache_length": 8}),
     ])
     completions = ["\\boxed{\\frac{1}{2}}", "\\boxed{0.25}"]
     completions = [c.ljust(20) for c in completions]  # 20 characters: E = 16, (16 - 20) / 8 = -0.5

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from rewards import RewardError, RewardExecutor, RewardSpec, load_reward_functions
+from rewards import RewardError, RewardExecutor, RewardFunctionConfig, load_reward_functions
 
 # TRL documentation shape: batch in, one float (or None) per completion out, columns as kwargs.
 TRL_SRC = r'''
@@ -119,7 +119,7 @@ def scored(request, tmp_path_factory):
         specs = []
         for kind, fn, name in SPECS:
             path = f"{folder}/{prefix}{kind}.py:{fn}" if how == "file" else f"{prefix}{kind}:{fn}"
-            specs.append(RewardSpec(path=path, name=name))
+            specs.append(RewardFunctionConfig(path=path, name=name))
         fns = load_reward_functions(specs)
         with RewardExecutor(fns, timeout_s=10.0, num_workers=2) as ex:
             result = ex.score(["What is 2+2?"] * N, COMPLETIONS, COLUMNS, GROUP)
@@ -204,8 +204,8 @@ def test_verl_ground_truth_mapping():
 
 def test_many_chunks_keep_sample_order():
     # 300 samples -> per-sample chunks of 38 (plain) and one chunk per worker (TRL)
-    fns = load_reward_functions([RewardSpec(path="rl.bench.rewards:trivial_trl"),
-                                 RewardSpec(path="length_penalty", kwargs={"budget": 1}, weight=0.0)])
+    fns = load_reward_functions([RewardFunctionConfig(path="rl.bench.rewards:trivial_trl"),
+                                 RewardFunctionConfig(path="length_penalty", kwargs={"budget": 1}, weight=0.0)])
     completions = ["x" * (1 + i % 3) for i in range(300)]
     ex = RewardExecutor(fns, num_workers=2)
     r = ex.score(["p"] * 300, completions, {}, [i // 6 for i in range(300)])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rewards import RewardError, RewardExecutor, RewardSpec, load_reward_functions
+from rewards import RewardError, RewardExecutor, RewardFunctionConfig, load_reward_functions
 
 FLAKY_SRC = r'''
 import asyncio
@@ -67,7 +67,7 @@ def reward_file(tmp_path_factory):
 
 
 def _load(reward_file, *fns):
-    return load_reward_functions([RewardSpec(path=f"{reward_file}:{fn}") for fn in fns])
+    return load_reward_functions([RewardFunctionConfig(path=f"{reward_file}:{fn}") for fn in fns])
 
 
 def _score(ex, batch):
@@ -143,7 +143,7 @@ def test_async_and_batch_timeouts(reward_file):
 def test_batch_function_wrong_length_is_an_error(tmp_path):
     path = tmp_path / "short.py"
     path.write_text("def short(completions, **kwargs):\n    return [1.0]\n")
-    with RewardExecutor(load_reward_functions([RewardSpec(path=f"{path}:short")]), on_error="raise",
+    with RewardExecutor(load_reward_functions([RewardFunctionConfig(path=f"{path}:short")]), on_error="raise",
                         num_workers=0) as ex:
         with pytest.raises(RewardError, match=r"'short' failed on sample 0: returned \[1.0\] for a chunk of 2"):
             ex.score(["p", "p"], ["a", "b"], {}, [0, 0])

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from rewards import RewardError, RewardExecutor, RewardSpec, load_reward_functions
+from rewards import RewardError, RewardExecutor, RewardFunctionConfig, load_reward_functions
 from rewards.calling import ERROR, OK, TIMEOUT
 from rewards.combine import combine
 from rewards.loading import LoadedReward, make_plan
@@ -22,28 +22,28 @@ def _write(tmp_path, src, name="user_reward.py"):
 
 def test_module_that_does_not_import():
     with pytest.raises(RewardError, match=r"'no_such_pkg\.rewards:f'.*could not be imported.*Fix:"):
-        load_reward_functions([RewardSpec(path="no_such_pkg.rewards:f")])
+        load_reward_functions([RewardFunctionConfig(path="no_such_pkg.rewards:f")])
 
 
 def test_module_whose_import_raises(tmp_path):
     path = _write(tmp_path, "raise RuntimeError('broken at import')\n")
     with pytest.raises(RewardError, match=r"raised RuntimeError: broken at import.*Fix:"):
-        load_reward_functions([RewardSpec(path=f"{path}:f")])
+        load_reward_functions([RewardFunctionConfig(path=f"{path}:f")])
 
 
 def test_name_not_in_module_lists_the_callables():
     with pytest.raises(RewardError, match=r"has no attribute 'nope'.*math_verify_reward"):
-        load_reward_functions([RewardSpec(path="rewards.builtin:nope")])
+        load_reward_functions([RewardFunctionConfig(path="rewards.builtin:nope")])
 
 
 def test_file_not_found(tmp_path):
     with pytest.raises(RewardError, match=r"does not exist.*Fix: correct the file path"):
-        load_reward_functions([RewardSpec(path=f"{tmp_path}/missing.py:f")])
+        load_reward_functions([RewardFunctionConfig(path=f"{tmp_path}/missing.py:f")])
 
 
 def test_unknown_short_name_lists_registered_names():
     with pytest.raises(RewardError, match=r"'math_verfy'.*math_verify"):
-        load_reward_functions([RewardSpec(path="math_verfy")])
+        load_reward_functions([RewardFunctionConfig(path="math_verfy")])
 
 
 @pytest.mark.parametrize("src", ["def f(x, y):\n    return 1.0\n", "def f(*args):\n    return 1.0\n",
@@ -51,12 +51,12 @@ def test_unknown_short_name_lists_registered_names():
 def test_signature_matching_no_convention(tmp_path, src):
     path = _write(tmp_path, src)
     with pytest.raises(RewardError, match=r"'.*user_reward.py:f'.*Fix:"):
-        load_reward_functions([RewardSpec(path=f"{path}:f")])
+        load_reward_functions([RewardFunctionConfig(path=f"{path}:f")])
 
 
 def test_explicit_convention_with_other_names(tmp_path):
     path = _write(tmp_path, "def f(q, a, answer=None):\n    return float(a == answer)\n")
-    [fn] = load_reward_functions([RewardSpec(path=f"{path}:f", convention="plain")])
+    [fn] = load_reward_functions([RewardFunctionConfig(path=f"{path}:f", convention="plain")])
     assert fn.plan.positional == ("prompt", "completion") and fn.plan.column_params == ("answer",)
     with RewardExecutor([fn], num_workers=0) as ex:
         assert ex.score(["p", "p"], ["x", "y"], {"answer": ["x", "x"]}, [0, 0]).rewards == [1.0, 0.0]
@@ -65,26 +65,26 @@ def test_explicit_convention_with_other_names(tmp_path):
 def test_kwargs_checked_against_signature(tmp_path):
     path = _write(tmp_path, "def f(completion, scale=1.0):\n    return scale\n")
     with pytest.raises(RewardError, match=r"kwargs \['scal'\] are not parameters"):
-        load_reward_functions([RewardSpec(path=f"{path}:f", kwargs={"scal": 2.0})])
+        load_reward_functions([RewardFunctionConfig(path=f"{path}:f", kwargs={"scal": 2.0})])
     with pytest.raises(RewardError, match=r"collide"):
-        load_reward_functions([RewardSpec(path=f"{path}:f", kwargs={"completion": "x"})])
-    [fn] = load_reward_functions([RewardSpec(path=f"{path}:f", kwargs={"scale": 2.0})])
+        load_reward_functions([RewardFunctionConfig(path=f"{path}:f", kwargs={"completion": "x"})])
+    [fn] = load_reward_functions([RewardFunctionConfig(path=f"{path}:f", kwargs={"scale": 2.0})])
     with RewardExecutor([fn], num_workers=0) as ex:  # kwargs win over a same-named column
         assert ex.score(["p"], ["c"], {"scale": [5.0]}, [0]).rewards == [2.0]
 
 
 def test_missing_required_column_is_reported_at_score_time(tmp_path):
     path = _write(tmp_path, "def f(completion, answer):\n    return 1.0\n")
-    with RewardExecutor(load_reward_functions([RewardSpec(path=f"{path}:f")]), num_workers=0) as ex:
+    with RewardExecutor(load_reward_functions([RewardFunctionConfig(path=f"{path}:f")]), num_workers=0) as ex:
         with pytest.raises(RewardError, match=r"'f' needs columns \['answer'\].*\['solution'\]"):
             ex.score(["p"], ["c"], {"solution": ["1"]}, [0])
 
 
 def test_bad_spec_values():
     with pytest.raises(RewardError, match="convention"):
-        RewardSpec(path="math_verify", convention="openrlhf")
+        RewardFunctionConfig(path="math_verify", convention="openrlhf")
     with pytest.raises(RewardError, match="weight"):
-        RewardSpec(path="math_verify", weight=float("nan"))
+        RewardFunctionConfig(path="math_verify", weight=float("nan"))
     with pytest.raises(RewardError, match="distinct `name:`"):
         load_reward_functions([{"path": "exact_match"}, {"path": "rewards.builtin:exact_match_reward",
                                                          "name": "exact_match"}])
@@ -112,7 +112,7 @@ def test_registry():
 def test_every_registered_name_loads(name):
     if name == "arithmetic" and importlib.util.find_spec("rewards.arithmetic") is None:
         pytest.skip("rewards/arithmetic.py is not written yet")
-    [fn] = load_reward_functions([RewardSpec(path=name)])
+    [fn] = load_reward_functions([RewardFunctionConfig(path=name)])
     assert fn.name == name
 
 

@@ -37,8 +37,7 @@ def _canary_diff(learner, worker, prompt_ids):
 
 
 @pytest.fixture(scope="module", params=["tied", "untied", "lora"])
-def pair(request, tiny_model_dir, tiny_untied_model_dir):
-    from rl.learner import Learner, LearnerSettings
+def pair(request, tiny_model_dir, tiny_untied_model_dir, make_learner):
     from rollout.worker import RolloutWorker
 
     path = tiny_untied_model_dir if request.param == "untied" else tiny_model_dir
@@ -46,10 +45,10 @@ def pair(request, tiny_model_dir, tiny_untied_model_dir):
     # engines and learners) against the share, so leave headroom.
     worker = RolloutWorker(path, dtype="float32", max_model_len=256, gpu_memory_utilization=0.15, seed=0)
     # LoRA: the adapters are merged into the exported weights; lr high enough that one step shows.
-    lora = dict(lora_rank=4, lora_alpha=8.0, lora_target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]) \
-        if request.param == "lora" else {}
-    learner = Learner(LearnerSettings(model_path=path, dtype="float32", lr=5e-2 if lora else 5e-3,
-                                      micro_batch_tokens=256, **lora))
+    lora = ["model.lora.rank=4", "model.lora.alpha=8.0", "model.lora.target_modules=[q_proj,v_proj,up_proj,down_proj]"] \
+        if request.param == "lora" else []
+    learner = make_learner(path, "model.dtype=float32", f"learner.lr={5e-2 if lora else 5e-3}",
+                           "learner.micro_batch_tokens=256", *lora, num_threads=None)
     yield request.param, learner, worker
     worker.shutdown()
 

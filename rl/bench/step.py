@@ -118,10 +118,12 @@ def phase_split(rows: list[dict]) -> dict:
 def layout_comparison(config_path: str, overrides: list[str], samples: list, num_sequences: int,
                       repeats: int) -> list[dict]:
     """Seconds per `Learner.accumulate_gradients` on the same sequences for every variant."""
+    import dataclasses
+
     import torch
 
     from rl.config import load_config
-    from rl.learner import Learner, LearnerSettings, TrainBatch
+    from rl.learner import Learner, TrainBatch
     from rl.packing import pack_micro_batches, padding_fraction
     from rl.train import resolve_model_path
 
@@ -139,20 +141,21 @@ def layout_comparison(config_path: str, overrides: list[str], samples: list, num
     budget = config.learner.micro_batch_tokens
     results = []
     for dtype, variants in VARIANTS:
-        learner = Learner(LearnerSettings(model_path=resolve_model_path(config.model.path), dtype=dtype,
-                                          micro_batch_tokens=budget, lr=1e-9, seed=0,
-                                          layout="padded", attn_implementation="eager"))
+        learner = Learner(dataclasses.replace(config.model, path=resolve_model_path(config.model.path), dtype=dtype),
+                          dataclasses.replace(config.learner, micro_batch_tokens=budget, lr=1e-9, layout="padded",
+                                              attn_implementation="eager"), config.objective, seed=0)
+        update = learner.updater
         times: dict[tuple, list[float]] = {v: [] for v in variants}
         stats: dict[tuple, dict] = {}
-        learner.accumulate_gradients(batch)  # warm-up: allocator, oneDNN primitives
+        update.accumulate_gradients(batch)  # warm-up: allocator, oneDNN primitives
         for _ in range(repeats):
             for variant in variants:  # interleaved, so background load drifts hit all alike
                 layout, row, attn = variant
-                learner.s.layout, learner.s.packed_row_tokens = layout, row
-                learner.model.set_attn_implementation(attn)
-                learner.optimizer.zero_grad(set_to_none=True)
+                update.micro_batches.layout, update.micro_batches.packed_row_tokens = layout, row
+                learner.policy.net.set_attn_implementation(attn)
+                update.optimizer.zero_grad(set_to_none=True)
                 t0 = time.perf_counter()
-                stats[variant] = learner.accumulate_gradients(batch)  # forward + backward
+                stats[variant] = update.accumulate_gradients(batch)  # forward + backward
                 times[variant].append(time.perf_counter() - t0)
         for variant in variants:
             layout, row, attn = variant

@@ -79,7 +79,7 @@ def _actor_classes():
             """New weights for every sync, so the canary check can tell old from new."""
             gen = torch.Generator().manual_seed(seed)
             with torch.no_grad():
-                for p in self.params:
+                for p in self.updater.params:
                     p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean())
 
     @ray.remote
@@ -129,13 +129,13 @@ def bench_model(name: str, path: str, args, classes) -> dict:
     from transformers import AutoTokenizer
 
     from rl.actors import ACTOR_ENV, _actor_options
-    from rl.config import Config
-    from rl.learner import LearnerSettings
+    from rl.config import Config, ModelConfig
     from rl.weight_sync import WeightSync
 
     BenchLearner, BenchRollout = classes
     opts = {**_actor_options(Config()), "runtime_env": {"env_vars": ACTOR_ENV}}  # one learner, one worker
-    learner = BenchLearner.options(**opts).remote(LearnerSettings(model_path=path, dtype=args.dtype))
+    sections = Config(model=ModelConfig(path=path, dtype=args.dtype))
+    learner = BenchLearner.options(**opts).remote(sections.model, sections.learner, sections.objective)
     worker = BenchRollout.options(**opts).remote(path, dtype=args.dtype, max_model_len=256,
                                                  gpu_memory_utilization=args.gpu_memory_utilization,
                                                  weight_broadcast=not args.no_broadcast)

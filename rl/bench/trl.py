@@ -83,7 +83,7 @@ def run_trl(config_path: str, overrides: list[str], steps: int, precision: str, 
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from rewards import RewardExecutor, RewardSpec, load_reward_functions
+    from rewards import RewardExecutor, load_reward_functions
     from rl.config import load_config
     from rl.data import PromptSource
     from rl.train import resolve_model_path
@@ -99,8 +99,7 @@ def run_trl(config_path: str, overrides: list[str], steps: int, precision: str, 
             for p in prompts]
     dataset = datasets.Dataset.from_list(rows)
     G, B = c.rollout.group_size, c.data.prompts_per_step
-    fns = load_reward_functions([RewardSpec(path=f.path, weight=f.weight, name=f.name, kwargs=dict(f.kwargs),
-                                            convention=f.convention) for f in c.reward.functions])
+    fns = load_reward_functions(c.reward.functions)
     executor = RewardExecutor(fns, timeout_s=c.reward.timeout_s, on_error=c.reward.on_error, num_workers=0)
 
     def reward(prompts, completions, **columns):

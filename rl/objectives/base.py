@@ -1,6 +1,6 @@
 """Objective base class and the hyperparameters every policy loss shares.
 
-An objective is two pure functions behind one signature:
+An objective is two pure functions behind one signature (the conformance interface):
 
     adv = obj.advantages(rewards, group, mask, logp=None)      # [N] [N] [N,T] [N,T] -> [N,T]
     loss, metrics = obj.loss(logp, old_logp, adv, mask, ref_logp=None, entropy=None,
@@ -9,6 +9,11 @@ An objective is two pure functions behind one signature:
 Micro-batch / data-parallel invariance: the learner calls ``norm = obj.loss_norm(full_mask)``
 and ``stats = obj.batch_stats(full_mask, entropy=full_entropy)`` ONCE for the global batch and
 passes both to every piece's ``loss``; the pieces' losses then sum to the whole-batch loss.
+
+Around them, the driver hooks declared on ``Objective`` (each with a no-op default, so a new
+objective overrides only what it uses): reward shaping, a group filter for dynamic sampling,
+a vLLM logits processor and its per-step arguments, batch statistics, advantage metrics.
+docs/OBJECTIVES.md shows how to add an objective in one file.
 """
 
 from __future__ import annotations
@@ -79,6 +84,56 @@ class Objective:
     @property
     def needs_entropy(self) -> bool:
         """True when ``loss`` needs per-token ``entropy`` [N, T] of the current policy."""
+        return False
+
+    # ------------------------------------------------------------ driver hooks
+    # The trainer calls these on every objective; the defaults do nothing.
+
+    rollout_logits_processor: Optional[str] = None
+    """"module:Class" of a vLLM V1 logits processor the rollout engines load (HAPO's adaptive
+    temperature), as an import path so that objectives stay free of vllm; None: none."""
+
+    def rollout_sampling_args(self, batch_stats: Any) -> Optional[dict[str, Any]]:
+        """``SamplingParams.extra_args`` for the next rollout, from the last update's batch
+        statistics (None before the first update); None: no extra arguments."""
+        return None
+
+    @property
+    def shapes_rewards(self) -> bool:
+        """True when ``shape_rewards`` changes rewards (the driver then logs reward/shaped_mean)."""
+        return False
+
+    def shape_rewards(self, rewards: Tensor, lengths: Tensor, max_len: Optional[int] = None) -> Tensor:
+        """rewards [N] float64, response ``lengths`` [N] -> shaped rewards [N] (identity here)."""
+        return rewards
+
+    def check_response_length(self, max_len: int) -> None:
+        """Raise ValueError, before any actor starts, when the objective cannot work with
+        responses of at most ``max_len`` tokens."""
+
+    @property
+    def uses_dynamic_sampling(self) -> bool:
+        """True when the driver should draw generation batches until ``keep_groups`` keeps
+        enough groups (DAPO), logging dynamic_sampling/* metrics."""
+        return False
+
+    @property
+    def max_gen_batches(self) -> int:
+        """Most generation batches per step under dynamic sampling."""
+        return 1
+
+    def keep_groups(self, rewards: Tensor, group: Tensor) -> Tensor:
+        """rewards [N], group [N] -> keep-mask [N] bool (every sample kept here)."""
+        return torch.ones_like(group, dtype=torch.bool)
+
+    def advantage_metrics(self) -> dict[str, float]:
+        """Metrics of the last ``advantages`` call (python floats) for the driver to log."""
+        return {k: float(v) for k, v in self.last_advantage_metrics.items()}
+
+    @property
+    def needs_batch_stats(self) -> bool:
+        """True when ``loss`` depends on statistics of the whole batch (``batch_stats``); the
+        learners then compute them over every rank's tokens before the update."""
         return False
 
     # ------------------------------------------------------------ global statistics

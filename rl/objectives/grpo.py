@@ -130,11 +130,26 @@ class DAPOConfig(GRPOConfig):
 class DAPO(GRPO):
     """DAPO (arXiv:2503.14476): GRPO advantage, eps 0.2/0.28, token-mean, beta 0.
 
-    Reward/batch-side helpers: ``shape_rewards`` (overlong penalty) and ``keep_groups``
-    (dynamic-sampling filter); the driver calls them before ``advantages``.
+    Driver hooks: ``shape_rewards`` (overlong penalty) and ``keep_groups`` (dynamic-sampling
+    filter); the driver calls them before ``advantages``.
     """
 
     Config = DAPOConfig
+
+    @property
+    def shapes_rewards(self) -> bool:
+        return True
+
+    @property
+    def uses_dynamic_sampling(self) -> bool:
+        return True
+
+    @property
+    def max_gen_batches(self) -> int:
+        return self.cfg.max_gen_batches
+
+    def check_response_length(self, max_len: int) -> None:
+        self.shape_rewards(torch.zeros(1), torch.zeros(1), max_len=max_len)
 
     def shape_rewards(self, rewards: Tensor, lengths: Tensor, max_len: Optional[int] = None) -> Tensor:
         """rewards [N] + overlong penalty of response ``lengths`` [N] (if overlong_shaping)."""

@@ -200,6 +200,10 @@ class HAPO(Objective):
     def needs_entropy(self) -> bool:
         return True
 
+    @property
+    def needs_batch_stats(self) -> bool:
+        return True
+
     def batch_stats(self, mask: Tensor, entropy: Optional[Tensor] = None) -> EntropyStats:
         """EntropyStats over all valid tokens of the FULL batch (also what rollout workers get)."""
         if entropy is None:
@@ -210,8 +214,7 @@ class HAPO(Objective):
         """adaptive_temperature with this objective's tau: logits [B, V] -> [B]."""
         return adaptive_temperature(logits, stats, base_temperature, self.cfg.tau)
 
-    #: Rollout side, read by the driver (no if/elif on names): the vLLM logits processor that
-    #: samples at T_t, as an import path so that this module stays free of vllm.
+    #: Rollout side: the vLLM logits processor that samples at T_t.
     rollout_logits_processor = "rollout.hapo_temperature:HAPOTemperatureProcessor"
 
     def rollout_sampling_args(self, stats: Optional[EntropyStats]) -> dict[str, Any]:
