@@ -1,7 +1,7 @@
 """Built-in rewards, in the plain convention `f(completion, <columns>, **options)`.
 
-Each is registered under a short name for YAML (`path: math_verify`); options go in the
-entry's `kwargs`. They are ordinary functions: call them directly in a notebook to check one.
+Each has a short name for YAML (`path: math_verify`), listed in rewards/registry.py; options go
+in the entry's `kwargs`. They are ordinary functions: call them directly in a notebook to check one.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 import threading
 from typing import Any, Sequence
-
-from rewards.registry import register
 
 _BOXED = "\\boxed"
 
@@ -23,7 +21,7 @@ def _after_hashes(text: str) -> str | None:
 
 
 def _parse(text: str, timeout: int | None) -> list:
-    from math_verify import parse  # lazy: sympy import costs ~0.5 s, only workers need it
+    from math_verify import parse  # lazy: it imports sympy (slow); only workers need it
 
     parsed = parse(text, parsing_timeout=timeout)
     if not parsed and "$" not in text and _BOXED not in text:
@@ -32,7 +30,6 @@ def _parse(text: str, timeout: int | None) -> list:
     return parsed
 
 
-@register("math_verify")
 def math_verify_reward(completion: str, answer: Any = None, ground_truth: Any = None) -> float:
     """1.0 if the completion's final answer equals the reference mathematically, else 0.0.
 
@@ -71,7 +68,6 @@ def math_verify_reward(completion: str, answer: Any = None, ground_truth: Any = 
     return 1.0 if verify(gold, pred, timeout_seconds=timeout) else 0.0
 
 
-@register("exact_match")
 def exact_match_reward(completion: str, answer: Any, strip: bool = True, ignore_case: bool = False) -> float:
     """1.0 if the completion equals the `answer` column, else 0.0.
 
@@ -95,7 +91,6 @@ def exact_match_reward(completion: str, answer: Any, strip: bool = True, ignore_
 DEFAULT_FORMAT = r"^<think>.*?</think>\s*<answer>.*?</answer>\s*$"
 
 
-@register("format")
 def format_reward(completion: str, pattern: str = DEFAULT_FORMAT, full_match: bool = True) -> float:
     """1.0 if the completion matches a regex (DOTALL: `.` spans lines), else 0.0.
 
@@ -123,7 +118,6 @@ def _length(completion: str, completion_ids: Sequence[int] | None, completion_le
     return len(completion)
 
 
-@register("length_penalty")
 def length_penalty(completion: str, completion_ids: Sequence[int] | None = None,
                    completion_length: int | None = None, budget: int = 1024, penalty: float = 1.0) -> float:
     """0 within `budget`, then falls linearly to -`penalty` at twice the budget (and stays there).
@@ -145,7 +139,6 @@ def length_penalty(completion: str, completion_ids: Sequence[int] | None = None,
     return -penalty * min(1.0, (n - budget) / budget)
 
 
-@register("dapo_overlong")
 def dapo_overlong_reward(completion: str, completion_ids: Sequence[int] | None = None,
                          completion_length: int | None = None, max_length: int = 20480,
                          cache_length: int = 4096) -> float:

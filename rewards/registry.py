@@ -2,8 +2,10 @@
 
 The registry maps a short name to an import path ("module:function"), never to a function
 object: workers load every reward by path in their own process, so a name must resolve to
-something importable there. That also lets a name point at a module that does not exist yet
-(e.g. `arithmetic`): it fails only when someone uses it.
+something importable there. The built-ins are listed below by path, so this module imports
+nothing (in particular not the reward modules, nor math-verify): looking a name up is free,
+and the function's module is imported only when a reward is loaded. Users add names with
+`register` (a decorator) or `register_path`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,18 @@ from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
-# name -> "module:function"
-_REGISTRY: dict[str, str] = {}
+# name -> "module:function". A new built-in: a module-level function in rewards/ and a line here
+# (tests/test_import_graph.py checks that every path imports).
+BUILTINS: dict[str, str] = {
+    "math_verify": "rewards.builtin:math_verify_reward",
+    "exact_match": "rewards.builtin:exact_match_reward",
+    "format": "rewards.builtin:format_reward",
+    "length_penalty": "rewards.builtin:length_penalty",
+    "dapo_overlong": "rewards.builtin:dapo_overlong_reward",
+    "arithmetic": "rewards.arithmetic:arithmetic_reward",
+}
+
+_REGISTRY: dict[str, str] = dict(BUILTINS)
 
 
 def register_path(name: str, path: str) -> None:
@@ -44,24 +56,11 @@ def register(name: str) -> Callable[[F], F]:
     return deco
 
 
-def _populate() -> None:
-    # Importing the built-ins fills the registry through their decorators; done lazily so
-    # `import rewards` stays cheap and free of math-verify until a name is looked up.
-    import rewards.builtin  # noqa: F401
-
-
 def registered_names() -> list[str]:
     """All short names, sorted."""
-    _populate()
     return sorted(_REGISTRY)
 
 
 def lookup(name: str) -> str | None:
     """Import path for a short name, or None if the name is not registered."""
-    _populate()
     return _REGISTRY.get(name)
-
-
-# Written by another part of the project; registered by path so that importing the registry
-# never requires the module to exist.
-register_path("arithmetic", "rewards.arithmetic:arithmetic_reward")

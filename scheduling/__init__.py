@@ -11,8 +11,9 @@ policy objects on known lengths. Entry points:
 All policies side by side on a trace: `python -m rl.bench rollout --simulate` (rl/bench/rollout.py).
 """
 
-from .base import SchedulingPolicy, make_policy, policy_names
+from .base import SchedulingPolicy
 from .knapsack import exact_knapsack, fptas_knapsack
+from .policies import make_policy, policy_names
 from .predictors import (
     ConstantPredictor,
     LengthPredictor,

@@ -1,4 +1,4 @@
-"""The admission-policy interface and its registry.
+"""The admission-policy interface and the decorator that registers a policy by name.
 
 How a rollout executor drives a policy (the simulator does exactly the same):
 
@@ -51,27 +51,16 @@ class SchedulingPolicy(ABC):
         """`seq` finished with `length` output tokens (its KV is free again)."""
 
 
-_POLICIES: dict[str, Callable[..., SchedulingPolicy]] = {}
+# name -> policy class, filled by `register_policy`. Looked up by `make_policy` (policies.py, the
+# one module that imports every built-in policy); this module imports no policy.
+POLICIES: dict[str, Callable[..., SchedulingPolicy]] = {}
 
 
 def register_policy(cls):
     """Class decorator: registers `cls` under `cls.name`; a duplicate name is an error."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in _POLICIES:
+    if cls.name in POLICIES:
         raise ValueError(f"policy {cls.name!r} registered twice")
-    _POLICIES[cls.name] = cls
+    POLICIES[cls.name] = cls
     return cls
-
-
-def policy_names() -> list[str]:
-    return sorted(_POLICIES)
-
-
-def make_policy(name: str, **kw) -> SchedulingPolicy:
-    """Build a policy by name: `full_group`, `naive_micro`, `continuous`, `length_aware`."""
-    from . import policies  # noqa: F401  (importing registers every built-in policy)
-
-    if name not in _POLICIES:
-        raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(policy_names())}")
-    return _POLICIES[name](**kw)

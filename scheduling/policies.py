@@ -1,4 +1,5 @@
-"""The length-oblivious policies; importing this module registers all four built-in policies.
+"""The length-oblivious policies, and `make_policy`: this module imports every built-in policy
+(`length_aware` lives in length_aware.py), so all four are registered once it is imported.
 
 All of them are stateless functions of (pending, running): the executor may call `plan` every
 engine step or only after something finished, and the schedule is the same.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .base import SchedulingPolicy, make_policy, policy_names, register_policy
+from .base import POLICIES, SchedulingPolicy, register_policy
 from .length_aware import LengthAwarePolicy
 from .types import Seq, SeqId
 
@@ -82,3 +83,14 @@ class ContinuousPolicy(SchedulingPolicy):
     def plan(self, pending: Sequence[Seq], running: Sequence[Seq], kv_budget_tokens, slots):
         free = max(0, slots - len(running))
         return [s.seq_id for s in pending[:free]]
+
+
+def policy_names() -> list[str]:
+    return sorted(POLICIES)
+
+
+def make_policy(name: str, **kw) -> SchedulingPolicy:
+    """Build a policy by name: `full_group`, `naive_micro`, `continuous`, `length_aware`."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; valid names: {', '.join(policy_names())}")
+    return POLICIES[name](**kw)
