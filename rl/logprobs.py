@@ -31,6 +31,18 @@ Same gradient as the padded layout; the model processes sum_k P_k + sum_i (T_i -
     pass 1: prompt_ids [k, P]  ->  keys/values [k, heads, P, d] per layer, first logits [k, V]
     pass 2: prompt_rows [n], continuation_ids [n, T - 1] (responses left-aligned minus their
             last token) against the selected cache rows
+
+The lm_head and log-softmax (every layout, the default): only the K positions that predict a
+response token go through the head, and never as a full [K, V] float32 tensor.
+`chunked_head_logprobs` is one autograd Function over the decoder's hidden states [K, H] and
+the head weight [V, H]: the forward takes token chunks of [k, V] logits (the matmul in the
+compute dtype, bf16 under autocast, then logsumexp / target logit / entropy in float32 on the
+chunk) and keeps only the hidden states and one logsumexp per token; the backward recomputes
+the logits in vocabulary chunks [K, v] and writes d hidden (summed over the chunks) and the
+head weight's rows d W[v] (each once). `chunked_logits_logprobs` does the same on logits that
+already exist (models that scale or soft-cap logits, FSDP-sharded models, a head that is not a
+plain Linear, the first logits of the shared_prompt layout). `response_logprobs(...,
+chunked=False)` or `USE_CHUNKED = False` runs the previous full-logits path (A/B, tests).
 """
 
 from __future__ import annotations
@@ -202,9 +214,217 @@ def build_micro_batch(layout: str, prompts: list[list[int]], responses: list[lis
     raise ValueError(f"unknown micro-batch layout {layout!r}: use one of {', '.join(LAYOUTS)}")
 
 
+# --- the lm_head and log-softmax in chunks (forward and backward) ---------------------------
+
+USE_CHUNKED = True
+"""Default path of `response_logprobs`: chunked head + log-softmax. False: full logits."""
+
+CHUNK_ELEMENTS = 1 << 24
+"""Elements of one chunk's float32 logits buffer (64 MiB): token chunks of
+CHUNK_ELEMENTS // V rows in the forward, vocabulary chunks of CHUNK_ELEMENTS // K columns in
+the backward (at least MIN_CHUNK of either)."""
+
+MIN_CHUNK = 128
+
+PROFILE_TAG = "rl.lm_head_logprobs"
+"""torch.profiler range around the chunked head + log-softmax, forward and backward."""
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the head matmul runs in: autocast's when it is on (as the model's own
+    lm_head would), else the inputs' promoted dtype."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk(other: int, chunk: int | None) -> int:
+    """Chunk length along one axis when the other axis has `other` elements."""
+    if chunk is not None:
+        return max(1, int(chunk))
+    return max(MIN_CHUNK, CHUNK_ELEMENTS // max(1, other))
+
+
+def _rows_forward(z: Tensor, owned: bool, targets: Tensor, temperature: float,
+                  lse_out: Tensor, logp_out: Tensor, ent_out: Tensor | None) -> None:
+    """One token chunk of logits z [k, V] -> logsumexp, target log-prob and entropy, in
+    float32, into the [k] outputs. `owned`: z may be overwritten."""
+    zf = z.float()
+    if temperature != 1.0:
+        zf = zf / temperature
+    elif not owned and zf.data_ptr() == z.data_ptr():
+        zf = zf.clone()  # float32 logits the caller keeps (logits mode, float32 model)
+    lse = torch.logsumexp(zf, dim=-1)
+    lse_out.copy_(lse)
+    logp_all = zf.sub_(lse.unsqueeze(-1))  # log_softmax, in place
+    logp_out.copy_(logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+    if ent_out is not None:  # -sum p log p, as the full-logits path computes it
+        ent_out.copy_(logp_all.exp().mul_(logp_all).sum(-1).neg_())
+
+
+def _rows_grad(z: Tensor, targets: Tensor, lse: Tensor, g: Tensor, temperature: float,
+               col0: int) -> Tensor:
+    """d logp / d z for logits z [k, v] (vocabulary columns col0..col0+v): float32
+    g * (onehot(target) - softmax(z / T)) / T, with g [k] the upstream gradient already / T."""
+    zf = z.float()
+    if temperature != 1.0:
+        zf = zf / temperature
+    elif zf.data_ptr() == z.data_ptr():
+        zf = zf.clone()
+    dz = zf.sub_(lse.unsqueeze(-1)).exp_().mul_(g.neg().unsqueeze(-1))  # -g * softmax
+    width = dz.shape[1]
+    col = targets - col0
+    inside = (col >= 0) & (col < width)
+    # scatter_add with the outside rows' values zeroed: no host sync for a nonzero()
+    dz.scatter_add_(1, col.clamp(0, width - 1).unsqueeze(-1), torch.where(inside, g, 0.0).unsqueeze(-1))
+    return dz
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """(hidden [K, H], weight [V, H], bias [V] | None, targets [K]) -> log-probs [K] float32
+    (and entropies [K], no gradient); see `chunked_head_logprobs`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, dtype,
+                chunk_tokens, chunk_vocab):
+        from torch.profiler import record_function
+
+        with record_function(PROFILE_TAG), torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            K, V = h.shape[0], w.shape[0]
+            f32 = dict(dtype=torch.float32, device=h.device)
+            logp, lse = torch.empty(K, **f32), torch.empty(K, **f32)
+            ent = torch.empty(K, **f32) if with_entropy else None
+            step = _chunk(V, chunk_tokens)
+            for s in range(0, K, step):
+                e = min(K, s + step)
+                z = torch.mm(h[s:e], w.t()) if b is None else torch.addmm(b, h[s:e], w.t())
+                _rows_forward(z, True, targets[s:e], temperature, lse[s:e], logp[s:e],
+                              ent[s:e] if ent is not None else None)
+                del z
+        ctx.save_for_backward(h, w, b, targets, lse)
+        ctx.temperature, ctx.chunk_vocab = temperature, chunk_vocab
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        from torch.profiler import record_function
+
+        h, w, b, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        T = ctx.temperature
+        grad_h = grad_w = grad_b = None
+        with record_function(PROFILE_TAG + ".backward"), torch.autocast(h.device.type, enabled=False):
+            K, V = h.shape[0], w.shape[0]
+            g = grad_logp.float() / T
+            if need_h:
+                grad_h = torch.zeros(K, h.shape[1], dtype=torch.float32, device=h.device)
+            if need_w:
+                grad_w = torch.empty(V, w.shape[1], dtype=ctx.dtypes[1], device=w.device)
+            if need_b:
+                grad_b = torch.empty(V, dtype=ctx.dtypes[2], device=w.device)
+            step = _chunk(K, ctx.chunk_vocab)
+            for v0 in range(0, V, step):  # vocabulary chunks: each weight row's gradient once
+                v1 = min(V, v0 + step)
+                wv = w[v0:v1]
+                z = torch.mm(h, wv.t()) if b is None else torch.addmm(b[v0:v1], h, wv.t())
+                dz = _rows_grad(z, targets, lse, g, T, v0)
+                del z
+                if need_b:
+                    grad_b[v0:v1] = dz.sum(0)
+                dz = dz.to(h.dtype)
+                if need_h:
+                    grad_h.add_(torch.mm(dz, wv))
+                if need_w:
+                    grad_w[v0:v1] = torch.mm(dz.t(), h)
+            if grad_h is not None:
+                grad_h = grad_h.to(ctx.dtypes[0])
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+class _LogitsLogprobs(torch.autograd.Function):
+    """(logits [K, V], targets [K]) -> log-probs [K] float32 (and entropies [K]); see
+    `chunked_logits_logprobs`."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, with_entropy, chunk_tokens):
+        from torch.profiler import record_function
+
+        with record_function(PROFILE_TAG), torch.autocast(logits.device.type, enabled=False):
+            K, V = logits.shape
+            f32 = dict(dtype=torch.float32, device=logits.device)
+            logp, lse = torch.empty(K, **f32), torch.empty(K, **f32)
+            ent = torch.empty(K, **f32) if with_entropy else None
+            step = _chunk(V, chunk_tokens)
+            for s in range(0, K, step):
+                e = min(K, s + step)
+                _rows_forward(logits[s:e], False, targets[s:e], temperature, lse[s:e], logp[s:e],
+                              ent[s:e] if ent is not None else None)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature, ctx.step = temperature, step
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        from torch.profiler import record_function
+
+        logits, targets, lse = ctx.saved_tensors
+        with record_function(PROFILE_TAG + ".backward"):
+            g = grad_logp.float() / ctx.temperature
+            grad = torch.empty_like(logits)
+            for s in range(0, logits.shape[0], ctx.step):
+                e = min(logits.shape[0], s + ctx.step)
+                grad[s:e] = _rows_grad(logits[s:e], targets[s:e], lse[s:e], g[s:e], ctx.temperature, 0)
+        return grad, None, None, None, None
+
+
+def chunked_head_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
+                          with_entropy: bool = False, bias: Tensor | None = None,
+                          chunk_tokens: int | None = None,
+                          chunk_vocab: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """log_softmax(hidden @ weight.T + bias) / temperature at `targets`, without a [K, V]
+    float32 tensor: hidden [K, H], weight [V, H], targets [K] -> log-probs [K] float32 (and
+    entropies [K] float32, no gradient).
+
+    Differentiable w.r.t. hidden, weight and bias. The matmul runs in autocast's dtype when
+    autocast is on (bf16 logits with fp32 accumulation, as the model's lm_head would give),
+    the softmax statistics in float32 per chunk. Forward: token chunks of `chunk_tokens` rows
+    (default CHUNK_ELEMENTS // V); backward: the logits recomputed in vocabulary chunks of
+    `chunk_vocab` columns (default CHUNK_ELEMENTS // K), saving only hidden (in the compute
+    dtype), the weight (cast once) and one logsumexp per token.
+    """
+    if hidden.shape[0] == 0:
+        logp = hidden.sum(-1).float()  # [0], still attached to the graph
+        return logp, (hidden.new_zeros(0, dtype=torch.float32) if with_entropy else None)
+    dtype = _compute_dtype(hidden, weight)
+    return _HeadLogprobs.apply(hidden, weight, bias, targets, float(temperature), bool(with_entropy),
+                               dtype, chunk_tokens, chunk_vocab)
+
+
+def chunked_logits_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
+                            with_entropy: bool = False,
+                            chunk_tokens: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """log_softmax(logits / temperature) at `targets` for logits that exist already [K, V]
+    (any float dtype): the float32 work per token chunk, the gradient written in the logits'
+    dtype. Log-probs [K] float32 (and entropies [K], no gradient)."""
+    if logits.shape[0] == 0:
+        return logits.sum(-1).float(), (logits.new_zeros(0, dtype=torch.float32) if with_entropy else None)
+    return _LogitsLogprobs.apply(logits, targets, float(temperature), bool(with_entropy), chunk_tokens)
+
+
+# --- response log-probs per layout ---------------------------------------------------------
+
 def _token_logprobs(logits: Tensor, targets: Tensor, temperature: float,
                     with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-    """logits [..., V], targets [...] -> log-probs [...] (and entropies [...], no gradient)."""
+    """Full-logits path: logits [..., V], targets [...] -> log-probs [...] (and entropies
+    [...], no gradient), through a float32 copy of all the logits."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -218,25 +438,75 @@ def _token_logprobs(logits: Tensor, targets: Tensor, temperature: float,
 
 
 def response_logprobs(model, mb: MicroBatch | PackedMicroBatch | ResponseMicroBatch, temperature: float = 1.0,
-                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                      with_entropy: bool = False, chunked: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """Log-probs [n, T] of the response tokens (and entropies [n, T], no gradient).
 
     Logits are divided by `temperature` so the learner scores the distribution the rollout
     sampled from. Masked positions hold 0. Same result for every layout.
+    chunked (default USE_CHUNKED): the head and log-softmax on response positions only, in
+    chunks (`chunked_head_logprobs`); False: the full-logits path.
     """
+    chunked = USE_CHUNKED if chunked is None else chunked
     if isinstance(mb, PackedMicroBatch):
-        return _packed_logprobs(model, mb, temperature, with_entropy)
+        return _packed_logprobs(model, mb, temperature, with_entropy, chunked)
     if isinstance(mb, ResponseMicroBatch):
-        return _response_logprobs(model, mb, temperature, with_entropy)
+        return _response_logprobs(model, mb, temperature, with_entropy, chunked)
     T = mb.response_ids.shape[1]
-    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                position_ids=mb.position_ids, logits_to_keep=T + 1, use_cache=False)
+    kwargs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                  position_ids=mb.position_ids, use_cache=False)
+    if chunked:
+        index = torch.nonzero(mb.response_mask, as_tuple=True)  # (rows, cols) of the K response tokens
+        # Column j of the last T + 1 positions predicts response column j (as logits_to_keep).
+        select = lambda x: x[:, -(T + 1):][:, :T][index]  # noqa: E731
+        flat_logp, flat_ent = _positions_logprobs(model, kwargs, select, select, T + 1,
+                                                  mb.response_ids[index], temperature, with_entropy)
+        return _scatter_rows(flat_logp, flat_ent, *mb.response_mask.shape, index)
+    out = model(**kwargs, logits_to_keep=T + 1)
     # Logit column j predicts the token in column j + 1: the first T predict the response.
     logp, entropy = _token_logprobs(out.logits[:, :T], mb.response_ids, temperature, with_entropy)
     logp = logp.masked_fill(~mb.response_mask, 0.0)
     if entropy is not None:
         entropy = entropy.masked_fill(~mb.response_mask, 0.0)
     return logp, entropy
+
+
+def _sharded(model) -> bool:
+    """FSDP-sharded root: its weights (embeddings, norm, head) exist whole only inside the
+    model's own forward, so the decoder and the head cannot be called on their own."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _linear_params(head) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) of a plain nn.Linear head (no hooks, no LoRA wrapper, not sharded)."""
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None
+    if type(head.weight) is not torch.nn.Parameter and type(head.weight) is not Tensor:
+        return None  # a DTensor or another tensor subclass
+    return head.weight, head.bias
+
+
+def _positions_logprobs(model, kwargs: dict, select_hidden, select_logits, logits_to_keep,
+                        targets: Tensor, temperature: float,
+                        with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """Chunked log-probs [K] of `targets` at the positions `select_*` picks from the
+    decoder's hidden states [.., H] (or, for models whose logits are not a plain head of
+    them, from the model's logits [.., V])."""
+    parts = None if _sharded(model) else _decoder_and_head(model)
+    if parts is not None:
+        hidden = select_hidden(parts[0](**kwargs).last_hidden_state)  # [K, H]
+        params = _linear_params(parts[1])
+        if params is not None:
+            return chunked_head_logprobs(hidden, params[0], targets, temperature, with_entropy, bias=params[1])
+        logits = parts[1](hidden)
+    else:
+        if logits_to_keep is not None:
+            kwargs = dict(kwargs, logits_to_keep=logits_to_keep)
+        logits = select_logits(model(**kwargs).logits)
+    return chunked_logits_logprobs(logits, targets, temperature, with_entropy)
 
 
 def _scatter_rows(flat_logp: Tensor, flat_ent: Tensor | None, n: int, T: int,
@@ -249,12 +519,17 @@ def _scatter_rows(flat_logp: Tensor, flat_ent: Tensor | None, n: int, T: int,
 
 
 def _packed_logprobs(model, mb: PackedMicroBatch, temperature: float,
-                     with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+                     with_entropy: bool, chunked: bool = False) -> tuple[Tensor, Tensor | None]:
     # use_cache=False matters: with a cache object transformers skips packed-sequence
     # detection and would let sequences attend to each other.
-    out = model(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
-                logits_to_keep=mb.logits_index, use_cache=False)
-    flat_logp, flat_ent = _token_logprobs(out.logits[0], mb.targets, temperature, with_entropy)  # [K]
+    kwargs = dict(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None, use_cache=False)
+    if chunked:
+        flat_logp, flat_ent = _positions_logprobs(
+            model, kwargs, lambda x: x[0, mb.logits_index], lambda x: x[0], mb.logits_index,
+            mb.targets, temperature, with_entropy)
+    else:
+        out = model(**kwargs, logits_to_keep=mb.logits_index)
+        flat_logp, flat_ent = _token_logprobs(out.logits[0], mb.targets, temperature, with_entropy)  # [K]
     return _scatter_rows(flat_logp, flat_ent, *mb.response_mask.shape, (mb.dest_rows, mb.dest_cols))
 
 
@@ -305,6 +580,8 @@ class SharedPrompts:
         self._outputs, self._leaves, self.kv, self.first_logits = [], [], [], None
 
 
+
+
 def _decoder_and_head(model):
     """(decoder, lm_head) when the logits are exactly lm_head(decoder's last hidden state), so
     the head can run on chosen positions only; None for models that scale or soft-cap logits."""
@@ -320,7 +597,7 @@ def _decoder_and_head(model):
 
 
 def _response_logprobs(model, mb: ResponseMicroBatch, temperature: float,
-                       with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+                       with_entropy: bool, chunked: bool = False) -> tuple[Tensor, Tensor | None]:
     shared = mb.shared
     n, T = mb.response_mask.shape
     lengths = mb.response_lengths
@@ -329,6 +606,10 @@ def _response_logprobs(model, mb: ResponseMicroBatch, temperature: float,
     logits = [shared.first_logits.index_select(0, mb.prompt_rows[rows])]  # [n0, V]
     cols = [T - lengths[rows]]  # right-aligned column of token 0
     all_rows = [rows]
+    flat = []  # chunked: log-probs (and entropies) per part
+    if chunked:
+        first = mb.response_ids[rows, cols[0]]
+        flat.append(chunked_logits_logprobs(logits.pop(), first, temperature, with_entropy))
     if T > 1:
         prompt_mask = shared.prompt_mask.index_select(0, mb.prompt_rows)  # [n, P]
         position_ids = prompt_mask.sum(-1, keepdim=True) + torch.arange(T - 1, device=lengths.device)
@@ -338,15 +619,25 @@ def _response_logprobs(model, mb: ResponseMicroBatch, temperature: float,
         # Continuation position j of row i predicts token j + 1: real where j < len_i - 1,
         # which is exactly continuation_mask.
         r, j = torch.nonzero(mb.continuation_mask, as_tuple=True)  # [K]
-        parts = _decoder_and_head(model)
-        if parts is not None:  # the lm_head and log-softmax on real positions only
-            hidden = parts[0](**kwargs).last_hidden_state  # [n, T - 1, H]
-            logits.append(parts[1](hidden[r, j]))          # [K, V]
+        col = T - lengths[r] + j + 1
+        if chunked:
+            select = lambda x: x[r, j]  # noqa: E731
+            flat.append(_positions_logprobs(model, kwargs, select, select, None,
+                                            mb.response_ids[r, col], temperature, with_entropy))
         else:
-            logits.append(model(**kwargs).logits[r, j])
+            parts = _decoder_and_head(model)
+            if parts is not None:  # the lm_head and log-softmax on real positions only
+                hidden = parts[0](**kwargs).last_hidden_state  # [n, T - 1, H]
+                logits.append(parts[1](hidden[r, j]))          # [K, V]
+            else:
+                logits.append(model(**kwargs).logits[r, j])
         all_rows.append(r)
-        cols.append(T - lengths[r] + j + 1)
+        cols.append(col)
     rows_cat, cols_cat = torch.cat(all_rows), torch.cat(cols)
+    if chunked:
+        flat_logp = torch.cat([lp for lp, _ in flat])
+        flat_ent = torch.cat([e for _, e in flat]) if with_entropy else None
+        return _scatter_rows(flat_logp, flat_ent, n, T, (rows_cat, cols_cat))
     targets = mb.response_ids[rows_cat, cols_cat]
     flat_logits = torch.cat([x.to(logits[-1].dtype) for x in logits])
     flat_logp, flat_ent = _token_logprobs(flat_logits, targets, temperature, with_entropy)

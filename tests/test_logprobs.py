@@ -295,3 +295,196 @@ def test_decoder_and_head_refuses_soft_capped_logits(tiny_model, monkeypatch):
 
     monkeypatch.setattr(tiny_model.config, "final_logit_softcapping", 30.0, raising=False)
     assert lp._decoder_and_head(tiny_model) is None
+
+
+# --- the chunked head + log-softmax (the default path) equals the full-logits one -----------
+
+import rl.logprobs as lp  # noqa: E402
+
+
+def _head_case(K=37, H=24, V=301, seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(K, H, generator=gen).requires_grad_()
+    weight = (torch.randn(V, H, generator=gen) * 0.3).requires_grad_()
+    b = (torch.randn(V, generator=gen) * 0.1).requires_grad_() if bias else None
+    targets = torch.randint(0, V, (K,), generator=gen)
+    upstream = torch.randn(K, generator=gen)  # a loss that weighs each token differently
+    return hidden, weight, b, targets, upstream
+
+
+def _grads_of(loss, tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+# chunk sizes that do not divide K = 37 or V = 301, one chunk only, one row / column per chunk
+CHUNKS = [(5, 64), (37, 301), (1, 1), (16, 300), (None, None)]
+
+
+@pytest.mark.parametrize("chunk_tokens,chunk_vocab", CHUNKS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_head_equals_full_logits_fp32(chunk_tokens, chunk_vocab, temperature):
+    hidden, weight, bias, targets, up = _head_case()
+    ref_lp, ref_ent = lp._token_logprobs(torch.nn.functional.linear(hidden, weight, bias), targets,
+                                         temperature, with_entropy=True)
+    ref_grads = _grads_of((ref_lp * up).sum(), [hidden, weight, bias])
+    got_lp, got_ent = lp.chunked_head_logprobs(hidden, weight, targets, temperature, with_entropy=True,
+                                               bias=bias, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    got_grads = _grads_of((got_lp * up).sum(), [hidden, weight, bias])
+    assert got_lp.dtype == torch.float32 and not got_ent.requires_grad
+    torch.testing.assert_close(got_lp, ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_ent, ref_ent, atol=1e-5, rtol=0)
+    for name, g, r in zip(("hidden", "weight", "bias"), got_grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=0, msg=name)
+
+
+def test_chunked_head_bf16_autocast_within_tolerance():
+    """Under bf16 autocast both paths take bf16 logits (fp32 accumulation) and float32
+    softmax statistics: log-probs and entropies agree to 1e-5 (same bf16 logits; only the
+    order of the float32 sums differs), gradients to bf16 rounding of the summed chunk
+    products: 2e-2 relative to the largest entry."""
+    hidden, weight, bias, targets, up = _head_case(K=70, H=64, V=1000, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_lp, ref_ent = lp._token_logprobs(torch.nn.functional.linear(hidden, weight), targets, 0.7, True)
+        got_lp, got_ent = lp.chunked_head_logprobs(hidden, weight, targets, 0.7, True,
+                                                   chunk_tokens=16, chunk_vocab=300)
+    ref_grads = _grads_of((ref_lp * up).sum(), [hidden, weight])
+    got_grads = _grads_of((got_lp * up).sum(), [hidden, weight])
+    torch.testing.assert_close(got_lp, ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_ent, ref_ent, atol=1e-5, rtol=0)
+    for g, r in zip(got_grads, ref_grads):
+        assert g.dtype == r.dtype == torch.float32
+        assert float((g - r).abs().max()) <= 2e-2 * float(r.abs().max())
+
+
+def test_chunked_head_frozen_weight_and_no_grad():
+    """No gradient wanted for the head (LoRA: a frozen base) or none at all (scoring)."""
+    hidden, weight, _, targets, up = _head_case(bias=False)
+    weight = weight.detach()
+    logp, ent = lp.chunked_head_logprobs(hidden, weight, targets, chunk_tokens=8)
+    assert ent is None
+    (g,) = _grads_of((logp * up).sum(), [hidden])
+    ref = _grads_of((lp._token_logprobs(hidden @ weight.t(), targets, 1.0, False)[0] * up).sum(), [hidden])[0]
+    torch.testing.assert_close(g, ref, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        logp2, _ = lp.chunked_head_logprobs(hidden, weight, targets)
+    assert not logp2.requires_grad
+    torch.testing.assert_close(logp2, logp.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_chunked_logits_equals_full_logits(dtype, atol):
+    """Logits that exist already (soft-capped models, FSDP): same values; the gradient comes
+    back in the logits' dtype (bf16: the full path rounds the same float32 gradient)."""
+    hidden, weight, bias, targets, up = _head_case()
+    logits = torch.nn.functional.linear(hidden, weight, bias).detach().to(dtype).requires_grad_()
+    ref_lp, ref_ent = lp._token_logprobs(logits, targets, 0.7, True)
+    (ref_g,) = _grads_of((ref_lp * up).sum(), [logits])
+    got_lp, got_ent = lp.chunked_logits_logprobs(logits, targets, 0.7, True, chunk_tokens=6)
+    (got_g,) = _grads_of((got_lp * up).sum(), [logits])
+    torch.testing.assert_close(got_lp, ref_lp, atol=atol, rtol=0)
+    torch.testing.assert_close(got_ent, ref_ent, atol=atol, rtol=0)
+    assert got_g.dtype == dtype
+    torch.testing.assert_close(got_g.float(), ref_g.float(), atol=1e-5 if dtype == torch.float32 else 1e-2,
+                               rtol=0 if dtype == torch.float32 else 1e-2)
+
+
+def test_chunked_float32_logits_are_not_modified():
+    logits = torch.randn(9, 50)
+    before = logits.clone()
+    lp.chunked_logits_logprobs(logits, torch.zeros(9, dtype=torch.long), 1.0, True, chunk_tokens=4)
+    assert torch.equal(logits, before)
+
+
+def _layout_batches(model, seed=11):
+    """One micro-batch per layout over the same GRPO-shaped sequences (and shared's pass 1)."""
+    prompts, responses = _grouped_batch(model.config.vocab_size, 3, 3, seed=seed)
+    shared, smb = _shared(model, prompts, responses)
+    return {"padded": make_micro_batch(prompts, responses, 0),
+            "packed": make_packed_micro_batch(prompts, responses, 0),
+            "shared_prompt": smb}, shared
+
+
+def _run_layout(model, mb, shared, temperature, chunked, weights):
+    model.zero_grad(set_to_none=True)
+    logp, ent = response_logprobs(model, mb, temperature, with_entropy=True, chunked=chunked)
+    (logp * weights[:, :logp.shape[1]]).sum().backward()
+    if shared is not None:
+        shared.backward()
+    return logp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_logprobs_chunked_equals_full_logits_fp32(tiny_model_dir, monkeypatch, layout, temperature):
+    """Every layout, float32: the chunked path's log-probs, entropies and parameter gradients
+    (tied embedding/head included) equal the full-logits path's. Chunks of 7 tokens forward and
+    of 100 vocabulary columns backward: neither divides the token count nor V."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    monkeypatch.setattr(lp, "CHUNK_ELEMENTS", 7 * model.config.vocab_size)
+    monkeypatch.setattr(lp, "MIN_CHUNK", 1)
+    weights = torch.randn(20, 40, generator=torch.Generator().manual_seed(1))
+    results = []
+    for chunked in (False, True):
+        mbs, shared = _layout_batches(model)
+        results.append(_run_layout(model, mbs[layout], shared if layout == "shared_prompt" else None,
+                                   temperature, chunked, weights[:mbs[layout].response_mask.shape[0]]))
+    (ref_lp, ref_ent, ref_g), (lp_, ent, g) = results
+    torch.testing.assert_close(lp_, ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+    assert g.keys() == ref_g.keys() and "model.embed_tokens.weight" in g
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared_prompt"])
+def test_response_logprobs_chunked_bf16_autocast(tiny_model_dir, layout):
+    """bf16 autocast: the same bf16 logits on both paths, so log-probs and entropies agree to
+    1e-3 (bf16 attention kernels see different shapes: the padded full path keeps T + 1
+    columns); parameter gradients to 3e-2 of each tensor's largest entry."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    weights = torch.randn(20, 40, generator=torch.Generator().manual_seed(2))
+    results = []
+    for chunked in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # pass 1 too, as in the learner
+            mbs, shared = _layout_batches(model, seed=12)
+            results.append(_run_layout(model, mbs[layout], shared if layout == "shared_prompt" else None,
+                                       0.7, chunked, weights[:mbs[layout].response_mask.shape[0]]))
+    (ref_lp, ref_ent, ref_g), (lp_, ent, g) = results
+    torch.testing.assert_close(lp_, ref_lp, atol=1e-3, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-3, rtol=0)
+    for name in ref_g:
+        scale = float(ref_g[name].abs().max())
+        assert float((g[name] - ref_g[name]).abs().max()) <= 3e-2 * scale, name
+
+
+@pytest.mark.parametrize("route", ["full_logits_fallback", "head_not_linear"])
+def test_response_logprobs_chunked_fallbacks(tiny_model, monkeypatch, route):
+    """Soft-capped models (no decoder/head split) and heads that are not a plain Linear (LoRA
+    on lm_head) take the chunked log-softmax over logits: same log-probs."""
+    with torch.no_grad():
+        mbs, _ = _layout_batches(tiny_model, seed=4)
+        expected = {k: response_logprobs(tiny_model, mb, 0.7, True, chunked=False) for k, mb in mbs.items()}
+        if route == "full_logits_fallback":
+            monkeypatch.setattr(lp, "_decoder_and_head", lambda model: None)
+        else:
+            monkeypatch.setattr(lp, "_linear_params", lambda head: None)
+        for k, mb in mbs.items():
+            got = response_logprobs(tiny_model, mb, 0.7, True)
+            torch.testing.assert_close(got[0], expected[k][0], atol=1e-5, rtol=0, msg=k)
+            torch.testing.assert_close(got[1], expected[k][1], atol=1e-5, rtol=0, msg=k)
+
+
+def test_response_logprobs_chunked_all_responses_empty(tiny_model):
+    mb = make_micro_batch([[1, 2], [3]], [[], []], 0)
+    logp, ent = response_logprobs(tiny_model, mb, with_entropy=True)
+    assert logp.shape == (2, 1) and not logp.any() and not ent.any()
+    logp.sum().backward()  # attached to the graph, zero gradient
+    tiny_model.zero_grad(set_to_none=True)
+
+
+def test_chunked_is_the_default():
+    assert lp.USE_CHUNKED is True
