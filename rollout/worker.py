@@ -249,8 +249,3 @@ class RolloutWorker:
             engine.engine_core.shutdown()
             self.engine = None
             gc.collect()
-
-    def info(self) -> dict:
-        return {"cache_tokens": self.cache_tokens, "kv_budget_tokens": self.kv_budget_tokens,
-                "slots": self.slots, "policy": self.policy.name,
-                "block_size": self.probe.block_size, "pid": os.getpid()}
