@@ -1,6 +1,10 @@
-"""Typed configuration: OmegaConf YAML + `key=value` overrides -> validated dataclasses.
+"""Typed configuration: the one schema of a run.
 
-Every field has a one-line docstring (the string under it). Batch sizes say what they count
+The dataclasses here (the `reward` section's live in rewards/config.py, next to the code that
+reads it) are the only schema: YAML and `key=value` overrides are merged onto
+`OmegaConf.structured(Config)`, which types them, and then built into the dataclasses, whose
+`__post_init__` checks each field where it is declared. Actors receive these sections as they
+are. Every field has a one-line docstring (the string under it). Batch sizes say what they count
 in their name: `prompts_per_step` counts prompts, `group_size` samples per prompt, so a step
 trains on `prompts_per_step * group_size` sequences.
 
@@ -112,7 +116,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.3
     """GPU: fraction of GPU memory for vLLM. CPU: fraction of the NUMA node's RAM for weights + KV cache."""
     enforce_eager: bool = True
-    """Skip torch.compile / CUDA graphs (start-up 8 s instead of 80 s on CPU)."""
+    """Skip torch.compile / CUDA graphs: a much faster engine start-up, especially on CPU."""
     seed: int | None = None
     """Engine seed; null derives it from trainer.seed and the worker index."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -191,7 +195,7 @@ class LearnerConfig:
     row per micro-batch, no padding, block-diagonal mask; slower than padded with CPU
     attention kernels, meant for flash_attention_2 on GPU). Measured: docs/BENCHMARKS.md."""
     attn_implementation: str = "auto"
-    """transformers attention kernel of the learner: auto (eager on CPU, ~15% faster than sdpa
+    """transformers attention kernel of the learner: auto (eager on CPU, faster than sdpa
     here on short sequences; sdpa on GPU) | eager | sdpa | flash_attention_2."""
     packed_row_tokens: int = 256
     """Longest packed row (packed layout): CPU attention computes the full S x S scores."""
