@@ -11,7 +11,8 @@ The backend is nccl when the tensors live on a GPU, so the bytes go GPU -> GPU (
 or InfiniBand) and never through host memory, and gloo on CPU. The code is the same; only the
 backend name and the buffers' device differ, which is how the tests here exercise the GPU path
 on CPU machines. On one CPU node the object-store path (rollout/weights.py) is faster (gloo
-copies through TCP loopback, ~1.5-3.5 GB/s here) and stays the CPU default.
+copies through TCP loopback; the figures: docs/BENCHMARKS.md, weight sync) and stays the CPU
+default.
 
 Both sides derive the same bucket plan from the same metadata (`plan_buckets`), so only names,
 dtypes and shapes travel with the request; the bytes travel in the broadcasts.
