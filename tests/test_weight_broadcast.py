@@ -68,6 +68,7 @@ def _receiver(port, bucket_bytes, queue):
     queue.put((nbytes, [(name, t.clone()) for name, t in loaded]))
 
 
+@pytest.mark.slow  # spawns a second Python process (torch import, gloo group): seconds
 def test_broadcast_delivers_every_tensor_cast_and_intact():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
