@@ -1,0 +1,127 @@
+"""rl/perf.py: FLOP counts by hand, the GPU peak table, the CPU probe's cache."""
+
+import json
+
+import pytest
+import torch
+
+from rl import perf
+
+
+def _tiny_config(**kw):
+    from transformers import LlamaConfig
+
+    args = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=100)
+    args.update(kw)
+    return LlamaConfig(**args)
+
+
+def test_flops_per_token_equals_hand_count():
+    # hidden d = 64, 4 query heads and 2 key/value heads of d_h = 64 / 4 = 16, MLP 128, V = 100,
+    # 2 layers, sequence length S = 10. Per layer and token (a multiply-add = 2 FLOPs):
+    #   q: 64 x (4 * 16) = 4096 MACs   k: 64 x (2 * 16) = 2048   v: 2048   o: (4 * 16) x 64 = 4096
+    #      -> 12288 MACs = 24576 FLOPs
+    #   scores q k^T and values p v over S / 2 = 5 keys (causal average): 2 x 4 heads x 16 x 5
+    #      = 640 MACs = 1280 FLOPs
+    #   MLP gate, up, down: 3 x 64 x 128 = 24576 MACs = 49152 FLOPs
+    #   layer: 24576 + 1280 + 49152 = 75008; 2 layers: 150016
+    #   LM head: 64 x 100 = 6400 MACs = 12800 FLOPs
+    # forward: 150016 + 12800 = 162816; training (3x): 488448
+    config = _tiny_config()
+    assert perf.layer_flops_per_token(config, 10) == 75008
+    assert perf.flops_per_token(config, 10) == 162816
+    assert perf.flops_per_token(config, 10, lm_head=False) == 150016
+    assert perf.flops_per_token(config, 10, training=True) == 488448
+    # learner: prompt 6 + response 4 at S = 10, LM head on the 4 response tokens only
+    assert perf.learner_flops(config, [6], [4]) == 3 * (10 * 150016 + 4 * 12800)
+    assert perf.rollout_flops(config, [6], [4]) == 10 * 150016 + 4 * 12800
+
+
+def test_flops_per_token_head_dim_and_not_gated():
+    # Qwen3-style explicit head_dim (16 heads x 128 = 2048 = hidden here, but taken from config)
+    from transformers import Qwen3Config
+
+    c = Qwen3Config(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                    head_dim=128, intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True)
+    per_layer = 2 * 2048 * 128 * (2 * 16 + 2 * 8) + 2 * 2 * 16 * 128 * 512 + 2 * 3 * 2048 * 6144
+    assert perf.flops_per_token(c, 1024) == 28 * per_layer + 2 * 2048 * 151936
+    # about 2 x 1.7e9 parameters' worth per token (+ attention): a sanity check on the scale
+    assert 3.0e9 < perf.flops_per_token(c, 1024) < 4.5e9
+    gpt2_like = _tiny_config()
+    gpt2_like.model_type = "gpt2"  # two MLP matrices
+    assert perf.layer_flops_per_token(gpt2_like, 10) == 75008 - 2 * 64 * 128
+
+
+@pytest.mark.parametrize("name,key", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200"), ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
+    ("NVIDIA A100-SXM4-80GB", "A100 80GB"), ("NVIDIA A100 80GB PCIe", "A100 80GB"), ("NVIDIA L40S", "L40S"),
+    ("Tesla T4", None)])
+def test_gpu_table_key(name, key):
+    assert perf.gpu_table_key(name) == key
+
+
+def test_peak_tflops_uses_the_table_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert perf.peak_tflops("cuda", torch.bfloat16) == 989.4
+    assert perf.peak_tflops("cuda:0", "fp16") == 989.4
+    assert perf.peak_tflops(torch.device("cuda", 0), torch.float32) == 66.9
+    assert perf.peak_tflops("cuda", "tf32") == 494.7
+    with pytest.raises(ValueError, match="unknown dtype"):
+        perf.peak_tflops("cuda", torch.int8)
+
+
+def test_cpu_probe_cache_round_trip(monkeypatch, tmp_path):
+    monkeypatch.setenv("RL_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_probe(dtype, seconds=2.0, device="cpu", shape=perf.PROBE_SHAPE):
+        calls.append(dtype)
+        return {torch.bfloat16: 1.5, torch.float32: 0.5}[dtype]
+
+    monkeypatch.setattr(perf, "probe_matmul_tflops", fake_probe)
+    assert perf.peak_tflops("cpu", torch.bfloat16) == 1.5
+    assert calls == [torch.bfloat16, torch.float32]  # one probe per dtype, both cached
+    assert perf.peak_tflops("cpu", "float32") == 0.5 and perf.peak_tflops("cpu", "fp16") == 1.5
+    assert len(calls) == 2  # from the cache
+    stored = json.loads((tmp_path / "peak_tflops.json").read_text())
+    key = perf.machine_key("cpu")
+    assert key.startswith("cpu:") and f"threads={torch.get_num_threads()}" in key
+    assert stored[key]["bf16"] == 1.5 and stored[key]["fp32"] == 0.5
+    # another thread count is another machine: probed again, the first entry kept
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 7)
+    perf.peak_tflops("cpu", torch.bfloat16)
+    assert len(calls) == 4 and len(json.loads((tmp_path / "peak_tflops.json").read_text())) == 2
+
+
+def test_probe_measures_a_positive_rate():
+    rate = perf.probe_matmul_tflops(torch.float32, seconds=0.05, shape=(64, 32, 48))
+    assert 0 < rate < 1000
+
+
+def test_mfu_and_metrics():
+    assert perf.tflops(2e12, 2.0) == 1.0
+    assert perf.mfu(2e12, 2.0, peak=4.0) == 0.25
+    assert perf.mfu(1.0, 0.0, 1.0) == 0.0
+    config = _tiny_config()
+    m = perf.learner_metrics(config, [6], [4], seconds=1e-6, peak=10.0)
+    flops = 3 * (10 * 150016 + 4 * 12800)
+    assert m["perf/learner_tflops"] == pytest.approx(flops / 1e-6 / 1e12)
+    assert m["perf/learner_mfu"] == pytest.approx(m["perf/learner_tflops"] / 10.0)
+    r = perf.rollout_metrics(config, [6, 3], [4, 2], seconds=2.0, peak=1.0)
+    assert r["perf/rollout_tokens_per_s"] == 3.0
+    # the second sequence (S = 5) attends to 2.5 keys on average: 2 x 2 x 4 x 16 x 2.5 = 640
+    # FLOPs per layer instead of 1280, so 2 x (24576 + 640 + 49152) = 148736 per token
+    assert r["perf/rollout_mfu"] == pytest.approx((10 * 150016 + 5 * 148736 + 6 * 12800) / 2.0 / 1e12)
+
+
+def test_perf_imports_no_cluster_dependencies():
+    import subprocess
+    import sys
+
+    code = ("import sys; import rl.perf, rl.logprobs, rl.packing; "
+            "bad = [m for m in ('ray', 'vllm', 'omegaconf') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
