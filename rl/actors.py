@@ -98,10 +98,18 @@ class RolloutGroup:
         ]
         ray.get([w.ready.remote() for w in self.workers])
 
-    def generate(self, requests: list[SampleRequest], **sampling) -> list[RolloutResult]:
+    def submit(self, requests: list[SampleRequest], **sampling) -> list:
+        """Start sampling `requests` (split among the workers by whole groups); returns at once.
+        Each worker runs its calls in the order they were submitted, so a generation submitted
+        after a weight load samples with the loaded weights."""
         shards = [requests[i::len(self.workers)] for i in range(len(self.workers))]
-        refs = [w.generate.remote(shard, **sampling) for w, shard in zip(self.workers, shards) if shard]
-        return ray.get(refs)
+        return [w.generate.remote(shard, **sampling) for w, shard in zip(self.workers, shards) if shard]
+
+    def wait(self, handle: list) -> list[RolloutResult]:
+        return ray.get(handle)
+
+    def generate(self, requests: list[SampleRequest], **sampling) -> list[RolloutResult]:
+        return self.wait(self.submit(requests, **sampling))
 
     def logits_processor_metrics(self) -> dict[str, float]:
         """The workers' logits-processor metrics since the last call: min/max reduced, row
@@ -143,17 +151,29 @@ class LearnerGroup:
             address = ray.get(self.rank0.endpoint.remote())
             ray.get([w.join_data_parallel.remote(address) for w in self.workers])
 
+    def submit_update(self, shards: list[TrainBatch]) -> list:
+        """Start one optimizer step on every rank; returns at once (`wait` for its result)."""
+        return [w.update.remote(s) for w, s in zip(self.workers, shards)]
+
+    def wait(self, handle: list):
+        """Rank 0's result of a submitted call (every rank's is the same, or only rank 0 reads)."""
+        return ray.get(handle)[0]
+
     def update(self, shards: list[TrainBatch]) -> tuple[dict, object]:
         """One optimizer step on every rank -> (metrics, the objective's batch statistics);
         both are the same on every rank (reduced among the learners), rank 0's are returned."""
-        return ray.get([w.update.remote(s) for w, s in zip(self.workers, shards)])[0]
+        return self.wait(self.submit_update(shards))
 
     def call_all(self, method: str, *args):
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
+    def submit_rank0(self, method: str, *args) -> list:
+        """Start `method` where rank 0's result needs it: every rank when the model is sharded."""
+        return [getattr(w, method).remote(*args) for w in self.full_weight_readers]
+
     def rank0_result(self, method: str, *args):
         """Rank 0's result of `method` (run on every rank when the model is sharded)."""
-        return ray.get([getattr(w, method).remote(*args) for w in self.full_weight_readers])[0]
+        return self.wait(self.submit_rank0(method, *args))
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -172,6 +172,37 @@ class ObjectiveConfig:
 
 
 @dataclass
+class BehaviorCorrectionConfig:
+    """Off-policy correction between the behavior policy (the rollout engine's log-probs, which
+    come with every sample) and the proximal policy (the learner at the start of the step):
+    decoupled PPO, each token's policy loss times min(w, cap) (truncate) or w·[w <= cap] (mask),
+    w = exp(prox - behav). docs/ALGORITHMS.md, "PPO epochs, mini-batches and off-policy
+    correction"; the behavior/* metrics are logged in every mode.
+
+    Default mode truncate: it is the objective that is right whatever the staleness
+    (trainer.max_staleness) and whatever the numeric gap between engine and learner, and costs
+    no extra forward pass when the learner takes one optimizer step per batch (the training
+    forward's detached log-probs are the proximal ones then). Synchronous runs see weights within
+    a few percent of 1, so it changes them little; an off-policy run that forgot to turn it on
+    would train on a biased gradient. mode none with ppo_epochs 1 and mini_batches 1 is the
+    former update, bit for bit."""
+
+    mode: str = "truncate"
+    """truncate (truncated importance sampling, min(w, cap)) | mask (tokens with w > cap get
+    weight 0, the others w) | none (no correction: weight 1)."""
+    cap: float = 2.0
+    """C: the largest importance weight a token keeps (truncate) or the weight above which it is
+    dropped (mask); > 0."""
+
+    def __post_init__(self):
+        _choice("learner.behavior_correction.mode", self.mode, ("truncate", "mask", "none"))
+        if not self.cap > 0:
+            raise ConfigError(f"learner.behavior_correction.cap = {self.cap} must be > 0: it is the largest "
+                              "importance weight a token keeps (2.0 is a common choice); to turn the correction "
+                              "off, set learner.behavior_correction.mode: none.")
+
+
+@dataclass
 class LearnerConfig:
     workers: int = 1
     """Data-parallel learner actors (gloo on CPU, nccl on GPU)."""
@@ -249,6 +280,23 @@ class TrainerConfig:
     """Max |log-prob difference| (canary tokens) between learner and rollout after a sync, a quarter of it for the mean; null: 1e-3 in float32, 1.0 in 16-bit."""
     canary_prompt: str = "Count from one to ten:"
     """Prompt whose sampled continuation is scored by both sides to verify every weight sync."""
+    max_staleness: Any = 0
+    """How many weight versions a trained sample may lag the learner: 0 = synchronous (generate,
+    then train); k >= 1 = the next k steps' rollouts run while the learner trains; `auto` = k
+    chosen each step (rl/staleness.py) between 0 and auto_staleness_max."""
+    auto_staleness_min_ess: float = 0.5
+    """max_staleness auto: lower k when behavior/ess_fraction falls below this."""
+    auto_staleness_max: int = 4
+    """max_staleness auto: the largest k it may choose."""
+
+    def __post_init__(self):
+        if self.max_staleness != "auto" and (isinstance(self.max_staleness, bool)
+                                             or not isinstance(self.max_staleness, int) or self.max_staleness < 0):
+            raise ConfigError(f"trainer.max_staleness = {self.max_staleness!r} is not valid: use an integer >= 0 "
+                              "(0 = synchronous, 1 = one-step off-policy) or auto.")
+        if not 0 < self.auto_staleness_min_ess <= 1:
+            raise ConfigError(f"trainer.auto_staleness_min_ess = {self.auto_staleness_min_ess} must be in (0, 1].")
+        _positive("trainer.auto_staleness_max", self.auto_staleness_max)
 
 
 @dataclass

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import json
 import random
-import statistics
 import time
 from pathlib import Path
 
@@ -13,12 +12,13 @@ import ray
 import torch
 from tqdm import tqdm
 
-from rl.batches import ScoredBatch, ScoredGroup, make_train_shards, split_groups
+from rl.batches import ScoredBatch, make_train_shards
 from rl.config import config_to_dict
 from rl.errors import ConfigError, SyncError
 from rl.metrics import MetricsLogger
-from rl.step_metrics import merge_batches, reward_summary, rollout_metrics, summary_line
-from rollout.records import Sample, SampleRequest
+from rl.sampling import PendingRollout, StepSampler
+from rl.staleness import StalenessControl, staleness_metrics
+from rl.step_metrics import summary_line
 
 STATE_FILE = "trainer_state.json"
 
@@ -68,12 +68,18 @@ class Trainer:
                                       error_value=r.error_value, num_workers=r.workers)
         self.canary_ids = prepared.tokenizer(c.trainer.canary_prompt)["input_ids"]
         self.canary_tokens: list[int] | None = None  # sampled at the first check (verify_sync)
+        self.sampler = StepSampler(c, self.objective, prepared.prompts, self.rollout, self.rewards,
+                                   self.max_response_len)
+        self.staleness = StalenessControl(c.trainer)
+        self.ahead: collections.deque[PendingRollout] = collections.deque()  # rollouts of later steps
+        self.pending_checks: list[tuple[int, list, object]] = []  # syncs not verified yet
         tol = c.trainer.sync_tolerance
         # 16-bit: the two sides round differently (vLLM keeps bf16 weights and activations, the
         # learner fp32 weights under autocast). A stale or wrong weight shifts every token by ~1.
         self.sync_tolerance = tol if tol is not None else (1e-3 if c.model.dtype == "float32" else 1.0)
-        if resume:
-            self.sync_weights()  # rollout engines start from model.path; bring them up to date
+        self.last_check: dict = {}
+        if resume:  # rollout engines start from model.path; bring them up to date
+            self.sync_weights(version=self.start_step)
 
     def setup_objective(self) -> None:
         """The objective, checked against the response length before any actor starts, and the
@@ -105,25 +111,33 @@ class Trainer:
         return last
 
     def step(self, step: int, bar) -> dict:
+        """One training step. The learner is at version step - 1 (updates applied so far);
+        every sample it trains on was generated at most `max_staleness` versions earlier."""
         c = self.config
         t_step = time.perf_counter()
         bar.set_description_str(f"step {step}: rollout + reward")
-        batch = self.sample_and_score()  # prompts -> rollout -> rewards (-> more, under dynamic sampling)
+        batch = self.sample_and_score()  # prompts -> rollout -> rewards, maybe generated ahead
+        self.verify_pending_syncs(up_to=min(s.policy_version for s in batch.samples))
 
         bar.set_description_str(f"step {step}: train")
         t0 = time.perf_counter()
         shards, adv_metrics = make_train_shards(self.objective, batch, len(self.learners.workers),
                                                 self.max_response_len)
-        train_metrics, batch_stats = self.learners.update(shards)
+        update = self.learners.submit_update(shards)
+        self.submit_ahead(step)  # later steps' rollouts run while the learner trains
+        train_metrics, batch_stats = self.learners.wait(update)
         t_train = time.perf_counter() - t0
 
         bar.set_description_str(f"step {step}: sync")
-        sync_metrics = self.sync_weights()
+        sync_metrics = self.sync_weights(version=step)
         # HAPO: the next rollout samples with this update's entropy statistics
         self.rollout_extra_args = self.objective.rollout_sampling_args(batch_stats)
 
         metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics,
+                   **staleness_metrics(batch.samples, learner_version=step - 1),
                    "time/train": t_train, "time/step": time.perf_counter() - t_step}
+        self.staleness.observe(metrics)
+        metrics["staleness/k"] = float(self.staleness.k)
         for line in batch.failures[:3]:
             tqdm.write(f"reward failure: {line}")
         if c.trainer.checkpoint_every and step % c.trainer.checkpoint_every == 0 or step == c.trainer.total_steps:
@@ -134,99 +148,39 @@ class Trainer:
         return metrics
 
     def sample_and_score(self) -> ScoredBatch:
-        """Prompts -> rollout -> rewards -> objective shaping, in generation batches of
-        prompts_per_step prompts. Without dynamic sampling that is one batch. With DAPO's
-        (arXiv:2503.14476) groups the objective does not keep (all rewards equal: zero
-        advantage, no gradient) are dropped and more prompts are drawn until prompts_per_step
-        groups are kept, at most max_gen_batches batches; if none is kept, the last batch
-        trains as it is."""
-        want = self.config.data.prompts_per_step
-        obj = self.objective
-        drawn: list[ScoredGroup] = []
-        kept: list[ScoredGroup] = []
-        rollout_rows, reward_rows, raw, failures = [], [], [], []
-        t_generate = t_reward = 0.0
-        num_prompts = 0
-        for gen_batch in range(1, obj.max_gen_batches + 1):
-            prompts = self.prepared.prompts.next_batch()
-            t0 = time.perf_counter()
-            samples, rollout_stats = self.generate(prompts)
-            t_generate += time.perf_counter() - t0
+        """The step's scored batch: the oldest rollout submitted ahead, else one started now."""
+        first = self.ahead.popleft() if self.ahead else self.sampler.submit(self.rollout_extra_args)
+        return self.sampler.collect(first, self.rollout_extra_args)
 
-            t0 = time.perf_counter()
-            reward = self.rewards.score(
-                [prompts[s.group_id].text for s in samples], [s.response_text for s in samples],
-                _columns(prompts, samples), [s.group_id for s in samples])
-            t_reward += time.perf_counter() - t0
+    def submit_ahead(self, step: int) -> None:
+        """Start the rollouts of steps step+1 .. step+k while step's update runs.
 
-            # group ids (prompt indices) unique across the step's generation batches
-            samples = [dataclasses.replace(s, group_id=s.group_id + num_prompts) for s in samples]
-            num_prompts += len(prompts)
-            lengths = torch.tensor([len(s.response_ids) for s in samples])
-            rewards = obj.shape_rewards(torch.tensor(reward.rewards, dtype=torch.float64), lengths,
-                                        max_len=self.max_response_len).tolist()
-            groups = split_groups(samples, rewards, reward.valid)
-            drawn += groups
-            kept += [g for g in groups if self.keep_group(g)]
-            rollout_rows.append(rollout_stats)
-            reward_rows.append(reward.metrics)
-            raw += list(zip(reward.rewards, reward.valid))
-            failures += reward.failures
-            if len(kept) >= want:
-                break
-        used = kept[:want] if kept else drawn[-want:]
-        metrics = {**rollout_metrics([s for g in drawn for s in g.samples], merge_batches(rollout_rows)),
-                   **merge_batches(reward_rows), **reward_summary([r for r, _ in raw], [v for _, v in raw]),
-                   "time/generate": t_generate, "time/reward": t_reward}
-        if obj.shapes_rewards:
-            metrics["reward/shaped_mean"] = statistics.fmean([r for g in used for r in g.valid_rewards()] or [0.0])
-        if obj.uses_dynamic_sampling:
-            metrics.update({"dynamic_sampling/gen_batches": float(gen_batch),
-                            "dynamic_sampling/kept_groups": float(len(kept)),
-                            "dynamic_sampling/dropped_groups": float(len(drawn) - len(kept)),
-                            "dynamic_sampling/trained_groups": float(len(used))})
-        if obj.rollout_logits_processor:
-            metrics.update(self.rollout.logits_processor_metrics())
-        return ScoredBatch(used, metrics, failures)
-
-    def keep_group(self, group: ScoredGroup) -> bool:
-        """The objective's group filter (DAPO dynamic sampling) on one group's valid samples."""
-        rewards = group.valid_rewards()
-        if not rewards:
-            return False
-        return bool(self.objective.keep_groups(torch.tensor(rewards, dtype=torch.float64),
-                                               torch.zeros(len(rewards), dtype=torch.long)).all())
-
-    def generate(self, prompts) -> tuple[list[Sample], dict]:
-        r = self.config.rollout
-        requests = [SampleRequest(i, p.token_ids) for i, p in enumerate(prompts)]
-        results = self.rollout.generate(requests, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
-                                        temperature=r.temperature, top_p=r.top_p,
-                                        extra_args=self.rollout_extra_args)
-        samples = sorted((s for res in results for s in res.samples), key=lambda s: (s.group_id, s.sample_index))
-        stats = [res.stats for res in results]
-        return samples, {
-            "rollout/seconds": max(s.seconds for s in stats),
-            "rollout/decode_steps": max(s.decode_steps for s in stats),
-            "rollout/peak_running": sum(s.peak_running for s in stats),
-            "rollout/peak_kv_tokens": sum(s.peak_kv_tokens for s in stats),
-            "rollout/preemptions": sum(s.preemptions for s in stats),
-            "rollout/scheduler_seconds": sum(s.scheduler_seconds for s in stats),
-        }
+        The engines are at version step - 1 until this step's sync, which is submitted after
+        these rollouts and so loads after them. A batch for step j trains with the learner at
+        version j - 1, so its staleness is (j - 1) - (step - 1) = j - step <= k.
+        """
+        remaining = self.config.trainer.total_steps - step
+        while len(self.ahead) < min(self.staleness.k, remaining):
+            self.ahead.append(self.sampler.submit(self.rollout_extra_args))
 
     # --- weights ----------------------------------------------------------------------
 
-    def sync_weights(self) -> dict:
+    def sync_weights(self, version: int) -> dict:
         """Learner rank 0 -> every rollout worker (rollout.weight_sync: Ray's shared-memory
-        object store on CPU, NCCL broadcast on GPU; rl/weight_sync.py), then verify on a
-        canary prompt."""
-        t0 = time.perf_counter()
-        metrics = self.weight_sync.transfer()
-        max_diff, mean_diff = self.verify_sync()
-        return {**metrics, "sync/max_logprob_diff": max_diff, "sync/mean_logprob_diff": mean_diff,
-                "time/sync": time.perf_counter() - t0}
+        object store on CPU, NCCL broadcast on GPU; rl/weight_sync.py), then the canary check.
 
-    def verify_sync(self) -> tuple[float, float]:
+        With rollouts in flight (max_staleness > 0) the engines load the weights after them,
+        so the check is submitted now and verified before any sample of this version trains.
+        """
+        t0 = time.perf_counter()
+        in_flight = bool(self.ahead)
+        metrics = self.weight_sync.transfer(version, wait=not in_flight)
+        self.submit_check(version)
+        if not in_flight:
+            self.verify_pending_syncs(up_to=version)
+        return {**metrics, **self.last_check, "time/sync": time.perf_counter() - t0}
+
+    def submit_check(self, version: int) -> None:
         """Every engine and the learner score the same canary continuation, at the same time.
 
         The continuation is sampled once, by the first engine at the first check; afterwards
@@ -236,21 +190,32 @@ class Trainer:
         if self.canary_tokens is None:
             self.canary_tokens, _ = ray.get(self.rollout.workers[0].canary.remote(self.canary_ids))
         engine_refs = [w.score.remote(self.canary_ids, self.canary_tokens) for w in self.rollout.workers]
-        learner_lp = self.learners.rank0_result("score", self.canary_ids, self.canary_tokens)
-        diffs = []
-        for i, rollout_lp in enumerate(ray.get(engine_refs)):
-            d = [abs(a - b) for a, b in zip(rollout_lp, learner_lp)]
-            diffs.extend(d)
-            # The max catches one badly wrong token; the mean (a quarter of the tolerance) catches
-            # a small shift of every token that rounding noise does not produce.
-            if max(d) > self.sync_tolerance or sum(d) / len(d) > self.sync_tolerance / 4:
-                raise SyncError(
-                    f"Weight sync check failed on rollout worker {i}: the engine's log-probs of the canary "
-                    f"continuation differ from the learner's by up to {max(d):.4g} (mean {sum(d) / len(d):.4g}; "
-                    f"tolerance {self.sync_tolerance:g} for the max, a quarter of it for the mean, "
-                    f"trainer.sync_tolerance). The rollout engine is not running the learner's weights; "
-                    f"training on its samples would be silently off-policy.")
-        return max(diffs), sum(diffs) / len(diffs)
+        learner_ref = self.learners.submit_rank0("score", self.canary_ids, self.canary_tokens)
+        self.pending_checks.append((version, engine_refs, learner_ref))
+
+    def verify_pending_syncs(self, up_to: int) -> None:
+        """Check every submitted sync of version <= up_to; SyncError on a mismatch."""
+        due = [p for p in self.pending_checks if p[0] <= up_to]
+        self.pending_checks = [p for p in self.pending_checks if p[0] > up_to]
+        if due:
+            self.weight_sync.finish()
+        for version, engine_refs, learner_ref in due:
+            learner_lp = self.learners.wait(learner_ref)
+            diffs = []
+            for i, rollout_lp in enumerate(ray.get(engine_refs)):
+                d = [abs(a - b) for a, b in zip(rollout_lp, learner_lp)]
+                diffs.extend(d)
+                # The max catches one badly wrong token; the mean (a quarter of the tolerance)
+                # catches a small shift of every token that rounding noise does not produce.
+                if max(d) > self.sync_tolerance or sum(d) / len(d) > self.sync_tolerance / 4:
+                    raise SyncError(
+                        f"Weight sync check failed on rollout worker {i} (weights version {version}): the engine's "
+                        f"log-probs of the canary continuation differ from the learner's by up to {max(d):.4g} "
+                        f"(mean {sum(d) / len(d):.4g}; tolerance {self.sync_tolerance:g} for the max, a quarter "
+                        f"of it for the mean, trainer.sync_tolerance). The rollout engine is not running the "
+                        f"learner's weights; training on its samples would be silently off-policy.")
+            self.last_check = {"sync/max_logprob_diff": max(diffs), "sync/mean_logprob_diff": sum(diffs) / len(diffs),
+                               "sync/checked_version": float(version)}
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -272,10 +237,3 @@ class Trainer:
 def _tuple_state(state):
     """JSON turns random.getstate()'s tuples into lists; random.setstate needs tuples."""
     return (state[0], tuple(state[1]), state[2])
-
-
-def _columns(prompts, samples: list[Sample]) -> dict[str, list]:
-    keys = sorted({k for p in prompts for k in p.columns})
-    cols = {k: [prompts[s.group_id].columns.get(k) for s in samples] for k in keys}
-    cols["completion_ids"] = [s.response_ids for s in samples]
-    return cols

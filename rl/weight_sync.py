@@ -32,6 +32,7 @@ class WeightSync:
         self.gathering_ranks = list(learners[1:])  # fsdp: they take part in gathering, rank 0 sends
         self.workers = rollout_workers
         self.metas: list = []
+        self.deferred: list[list] = []  # object_store loads queued behind rollouts in flight
         if method == "broadcast":
             self._join(bucket_bytes)
 
@@ -48,11 +49,18 @@ class WeightSync:
         # The set of tensors never changes during a run: the receivers' bucket plans are fixed.
         self.metas = ray.get(self.learner.weight_metas.remote())
 
-    def transfer(self) -> dict[str, float]:
-        """Send the current weights; sync/* metrics (seconds, bytes, GB/s, send and load parts)."""
+    def transfer(self, version: int, wait: bool = True) -> dict[str, float]:
+        """Send the current weights as `version`; sync/* metrics (seconds, bytes, GB/s, send and
+        load parts).
+
+        wait=False (rollouts still in flight on the engines, max_staleness > 0): the loads are
+        queued behind those rollouts and not waited for; `finish()` collects them later. The
+        broadcast transport cannot defer (the learner's send is a collective with the engines):
+        it waits either way, and the learner idles until the engines are free.
+        """
         t0 = time.perf_counter()
         if self.method == "broadcast":
-            receives = [w.receive_weight_broadcast.remote(self.metas) for w in self.workers]
+            receives = [w.receive_weight_broadcast.remote(self.metas, version) for w in self.workers]
             gathers = [h.broadcast_weights.remote() for h in self.gathering_ranks]
             sent, *loads = _get_failing_fast([self.learner.broadcast_weights.remote()] + receives + gathers)
             loads = loads[:len(receives)]
@@ -62,14 +70,26 @@ class WeightSync:
             gathers = [h.export_flat_weights.remote() for h in self.gathering_ranks]
             ray.wait([weights], fetch_local=False)
             t_export = time.perf_counter() - t0
-            loads = ray.get([w.load_weights.remote(weights) for w in self.workers])
+            load_refs = [w.load_weights.remote(weights, version) for w in self.workers]
             ray.get(gathers)
             del weights
+            if not wait:
+                self.deferred.append(load_refs)
+                return {"sync/export_seconds": t_export, "sync/deferred": 1.0}
+            loads = ray.get(load_refs)
         seconds = time.perf_counter() - t0
-        nbytes = loads[0]["bytes"]
-        return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/export_seconds": t_export,
-                "sync/load_seconds": max(x["seconds"] for x in loads),
-                "sync/gb_per_s": nbytes / max(seconds, 1e-9) / 1e9}
+        return {**_load_metrics(loads, seconds), "sync/export_seconds": t_export, "sync/deferred": 0.0}
+
+    def finish(self) -> None:
+        """Wait for the deferred loads (raises what a failed load raised)."""
+        while self.deferred:
+            ray.get(self.deferred.pop(0))
+
+
+def _load_metrics(loads: list[dict], seconds: float) -> dict[str, float]:
+    nbytes = loads[0]["bytes"]
+    return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/load_seconds": max(x["seconds"] for x in loads),
+            "sync/gb_per_s": nbytes / max(seconds, 1e-9) / 1e9}
 
 
 def _get_failing_fast(refs: list) -> list:

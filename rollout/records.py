@@ -26,9 +26,14 @@ class Sample:
     response_ids: list[int]
     response_text: str
     logprobs: list[float]
-    """Rollout engine's log-prob of each response token (raw model distribution), [len(response_ids)]."""
+    """Behavior log-prob of each response token: the engine's log-prob under the distribution
+    it sampled from (temperature, top-p and logits processors such as HAPO's applied),
+    [len(response_ids)]."""
     finish_reason: str
     """`stop` (EOS or stop string) or `length` (hit max_new_tokens)."""
+    policy_version: int = 0
+    """Weights version that produced the tokens: the number of weight syncs the engine had
+    loaded (0 = the initial weights). The learner is at version `step - 1` when it trains."""
 
 
 @dataclass

@@ -29,6 +29,29 @@ def _configure_vllm_env(num_threads: int | None) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
+def _on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _cpu_kv_cache_bytes(memory_fraction: float) -> int:
+    """The CPU engine's KV cache: `memory_fraction` of the machine's RAM, less what this
+    process already holds, given to vLLM explicitly (`kv_cache_memory_bytes`).
+
+    Left to itself, vLLM-CPU takes the fraction of its NUMA node's MemTotal minus the process's
+    resident size at the time. On virtual machines whose memory is hot-plugged as it is used,
+    the node's MemTotal starts at a fraction of the RAM, so a small fraction came out negative
+    and the engine refused to start; the machine's total does not move.
+    """
+    import psutil
+
+    memory = psutil.virtual_memory()
+    held = psutil.Process().memory_info().rss
+    wanted = int(memory_fraction * memory.total) - held
+    return max(min(wanted, memory.available // 2), 64 * 2**20)
+
+
 class RolloutWorker:
     """A vLLM engine plus the sampling loop of one rollout worker.
 
@@ -36,7 +59,8 @@ class RolloutWorker:
         model_path: Hugging Face model directory (or hub name).
         dtype: weights dtype for vLLM (bfloat16 | float16 | float32).
         max_model_len: prompt + response tokens per sequence.
-        gpu_memory_utilization: vLLM memory fraction (on CPU: of the node's RAM).
+        gpu_memory_utilization: vLLM memory fraction (on CPU: of the machine's RAM, for the
+            KV cache less what this process already holds; see _cpu_kv_cache_bytes).
         seed: engine seed (per-request seeds crash the CPU backend, so the engine is seeded).
         policy: admission policy name from `scheduling` (full_group, naive_micro, continuous, length_aware).
         policy_kwargs: its keyword arguments.
@@ -83,7 +107,13 @@ class RolloutWorker:
             enable_prefix_caching=True,  # the G samples of a prompt share its KV prefix
             logits_processors=logits_processors or None,
             disable_log_stats=True,
+            # The log-probs of the distribution each token was sampled from (after temperature,
+            # top-p and logits processors): the behavior policy of off-policy correction.
+            # Prompt log-probs (the sync check's teacher-forced scoring) stay the raw model's.
+            logprobs_mode="processed_logprobs",
         )
+        if _on_cpu():
+            args["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(gpu_memory_utilization)
         if weight_broadcast:
             from rollout.weight_broadcast import ENGINE_BACKEND, register_engine
 
@@ -96,6 +126,7 @@ class RolloutWorker:
         self.cache_tokens = self.probe.cache_tokens
         self.record_timeline = False  # benchmarks: per-step KV in stats.extra["timeline"]
         self._request_counter = 0
+        self.policy_version = 0  # weight syncs loaded so far; stamped on every sample
         self.set_policy(policy, policy_kwargs, kv_budget_tokens, slots)
 
     def set_policy(self, policy: str, policy_kwargs: dict | None = None,
@@ -152,14 +183,15 @@ class RolloutWorker:
             token_ids = list(c.token_ids)
             logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, token_ids)]
             samples.append(Sample(group_id, k, list(prompt_ids), token_ids, c.text, logprobs,
-                                  c.finish_reason or "stop"))
+                                  c.finish_reason or "stop", self.policy_version))
         return RolloutResult(samples, stats)
 
     # --- weights ----------------------------------------------------------------------
 
-    def load_weights(self, weights: Any) -> dict[str, float]:
+    def load_weights(self, weights: Any, version: int | None = None) -> dict[str, float]:
         """Load new weights in place: a `rollout.weights.FlatWeights` (zero-copy views of
-        the object store's buffers) or a dict of HF names -> tensors; returns seconds and bytes."""
+        the object store's buffers) or a dict of HF names -> tensors; returns seconds and bytes.
+        `version`: the weights' version, stamped on the samples generated from now on."""
         from rollout.weights import as_named_tensors, load_weights_into_worker
 
         start = time.perf_counter()
@@ -167,6 +199,8 @@ class RolloutWorker:
         self.engine.collective_rpc(load_weights_into_worker, args=(named_tensors,))
         # Cached prefixes were computed with the old weights.
         self.engine.reset_prefix_cache()
+        if version is not None:
+            self.policy_version = version
         nbytes = sum(t.numel() * t.element_size() for t in named_tensors.values())
         return {"seconds": time.perf_counter() - start, "bytes": float(nbytes)}
 
@@ -178,7 +212,7 @@ class RolloutWorker:
                     world_size=world_size, backend=backend, bucket_bytes=bucket_bytes)
         self.engine.collective_rpc("init_weight_transfer_engine", args=(info,))
 
-    def receive_weight_broadcast(self, metas: list) -> dict[str, float]:
+    def receive_weight_broadcast(self, metas: list, version: int | None = None) -> dict[str, float]:
         """Receive one broadcast of the weights `metas` (`weight_broadcast.TensorMeta`, in the
         sender's order) and load them; runs while learner rank 0 runs `broadcast_weights`."""
         from rollout.weights import repack_tied_lm_head
@@ -191,6 +225,8 @@ class RolloutWorker:
         self.engine.collective_rpc("finish_weight_update")
         self.engine.collective_rpc(repack_tied_lm_head)
         self.engine.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        if version is not None:
+            self.policy_version = version
         return {"seconds": time.perf_counter() - start, "bytes": float(sum(m.nbytes for m in metas))}
 
     def canary(self, prompt_ids: list[int], num_tokens: int = 16) -> tuple[list[int], list[float]]:

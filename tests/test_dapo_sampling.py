@@ -4,6 +4,7 @@ The Trainer's rollout and reward parts are replaced by scripted fakes: each prom
 a fixed list of G (reward, response length) pairs, so which groups are dropped is known.
 """
 
+import collections
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from rewards.combine import RewardResult
 from rl.config import load_config
 from rl.data import Prompt
 from rl.errors import ConfigError
+from rl.sampling import StepSampler
 from rl.step_metrics import merge_batches
 from rl.trainer import Trainer
 from rollout.records import RolloutResult, RolloutStats, Sample
@@ -36,6 +38,12 @@ class FakeRollout:
 
     def __init__(self, script):
         self.script, self.calls, self.processor_metrics = script, [], {}
+
+    def submit(self, requests, **sampling):
+        return self.generate(requests, **sampling)
+
+    def wait(self, handle):
+        return handle
 
     def generate(self, requests, **sampling):
         self.calls.append(sampling)
@@ -72,6 +80,8 @@ def make_trainer(script, overrides, prompts_per_step=2):
     t.setup_objective()
     t.prepared = SimpleNamespace(prompts=FakeSource(prompts_per_step))
     t.rollout, t.rewards = FakeRollout(script), FakeRewards(script)
+    t.sampler = StepSampler(config, t.objective, t.prepared.prompts, t.rollout, t.rewards, t.max_response_len)
+    t.ahead = collections.deque()
     return t
 
 

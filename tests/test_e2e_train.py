@@ -177,14 +177,15 @@ def test_sync_check_catches_stale_weights(tmp_path, tiny_model_dir, weight_sync)
     init_ray(config)
     trainer = Trainer(preflight(config))
     try:
-        first = trainer.sync_weights()
+        first = trainer.sync_weights(version=1)
         assert first["sync/max_logprob_diff"] < 1e-3
         ray.get(trainer.learners.rank0.__ray_call__.remote(lambda self: [
-            p.data.add_(torch.randn_like(p) * 0.05) for p in self.params] and None))
+            p.data.add_(torch.randn_like(p) * 0.05) for p in self.updater.params] and None))
+        trainer.submit_check(version=1)
         with pytest.raises(SyncError, match="not running the learner's weights"):
-            trainer.verify_sync()
-        again = trainer.sync_weights()
-        assert again["sync/max_logprob_diff"] < 1e-3
+            trainer.verify_pending_syncs(up_to=1)
+        again = trainer.sync_weights(version=2)
+        assert again["sync/max_logprob_diff"] < 1e-3 and again["sync/checked_version"] == 2
     finally:
         trainer.close()
         ray.shutdown()

@@ -1,0 +1,136 @@
+"""A step's training material: prompts -> rollout (submitted, possibly ahead) -> rewards ->
+objective shaping -> scored groups, with DAPO's dynamic sampling.
+
+`submit` starts the generation of a step's first batch and returns at once; `collect` waits
+for it, scores it and, under dynamic sampling, draws further batches until enough groups are
+kept. The trainer submits ahead of training when `trainer.max_staleness` allows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from rl.batches import ScoredBatch, ScoredGroup, split_groups
+from rl.step_metrics import merge_batches, reward_summary, rollout_metrics
+from rollout.records import Sample, SampleRequest
+
+
+@dataclasses.dataclass
+class PendingRollout:
+    """A generation batch in flight."""
+
+    prompts: list
+    handle: object
+    """What `RolloutGroup.wait` takes."""
+    submitted_at: float
+
+
+class StepSampler:
+    """Args: config (the run's Config), objective, prompts (rl.data.PromptSource), rollout
+    (rl.actors.RolloutGroup or a stand-in with submit/wait/logits_processor_metrics), rewards
+    (rewards.RewardExecutor or a stand-in with score), max_response_len."""
+
+    def __init__(self, config, objective, prompts, rollout, rewards, max_response_len: int):
+        self.config, self.objective = config, objective
+        self.prompts, self.rollout, self.rewards = prompts, rollout, rewards
+        self.max_response_len = max_response_len
+
+    def submit(self, extra_args: dict | None) -> PendingRollout:
+        """Draw the next prompts_per_step prompts and start sampling them."""
+        r = self.config.rollout
+        prompts = self.prompts.next_batch()
+        requests = [SampleRequest(i, p.token_ids) for i, p in enumerate(prompts)]
+        handle = self.rollout.submit(requests, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
+                                     temperature=r.temperature, top_p=r.top_p, extra_args=extra_args)
+        return PendingRollout(prompts, handle, time.perf_counter())
+
+    def collect(self, first: PendingRollout, extra_args: dict | None) -> ScoredBatch:
+        """Wait for `first`, score it, and under dynamic sampling (DAPO, arXiv:2503.14476) drop
+        the groups the objective does not keep (all rewards equal: zero advantage, no gradient)
+        and draw more batches until prompts_per_step groups are kept, at most max_gen_batches
+        batches; if none is kept, the last batch trains as it is."""
+        want = self.config.data.prompts_per_step
+        obj = self.objective
+        drawn: list[ScoredGroup] = []
+        kept: list[ScoredGroup] = []
+        rollout_rows, reward_rows, raw, failures = [], [], [], []
+        t_generate = t_reward = t_wait = 0.0
+        num_prompts = 0
+        pending = first
+        for gen_batch in range(1, obj.max_gen_batches + 1):
+            if pending is None:
+                pending = self.submit(extra_args)
+            t0 = time.perf_counter()
+            results = self.rollout.wait(pending.handle)
+            t_wait += time.perf_counter() - t0
+            samples = sorted((s for res in results for s in res.samples), key=lambda s: (s.group_id, s.sample_index))
+            stats = _rollout_stats([res.stats for res in results])
+            t_generate += stats["rollout/seconds"]
+            prompts, pending = pending.prompts, None
+
+            t0 = time.perf_counter()
+            reward = self.rewards.score(
+                [prompts[s.group_id].text for s in samples], [s.response_text for s in samples],
+                _columns(prompts, samples), [s.group_id for s in samples])
+            t_reward += time.perf_counter() - t0
+
+            # group ids (prompt indices) unique across the step's generation batches
+            samples = [dataclasses.replace(s, group_id=s.group_id + num_prompts) for s in samples]
+            num_prompts += len(prompts)
+            lengths = torch.tensor([len(s.response_ids) for s in samples])
+            rewards = obj.shape_rewards(torch.tensor(reward.rewards, dtype=torch.float64), lengths,
+                                        max_len=self.max_response_len).tolist()
+            groups = split_groups(samples, rewards, reward.valid)
+            drawn += groups
+            kept += [g for g in groups if self.keep_group(g)]
+            rollout_rows.append(stats)
+            reward_rows.append(reward.metrics)
+            raw += list(zip(reward.rewards, reward.valid))
+            failures += reward.failures
+            if len(kept) >= want:
+                break
+        used = kept[:want] if kept else drawn[-want:]
+        metrics = {**rollout_metrics([s for g in drawn for s in g.samples], merge_batches(rollout_rows)),
+                   **merge_batches(reward_rows), **reward_summary([r for r, _ in raw], [v for _, v in raw]),
+                   "time/generate": t_generate, "time/reward": t_reward, "time/wait_rollout": t_wait}
+        if obj.shapes_rewards:
+            metrics["reward/shaped_mean"] = statistics.fmean([r for g in used for r in g.valid_rewards()] or [0.0])
+        if obj.uses_dynamic_sampling:
+            metrics.update({"dynamic_sampling/gen_batches": float(gen_batch),
+                            "dynamic_sampling/kept_groups": float(len(kept)),
+                            "dynamic_sampling/dropped_groups": float(len(drawn) - len(kept)),
+                            "dynamic_sampling/trained_groups": float(len(used))})
+        if obj.rollout_logits_processor:
+            metrics.update(self.rollout.logits_processor_metrics())
+        return ScoredBatch(used, metrics, failures)
+
+    def keep_group(self, group: ScoredGroup) -> bool:
+        """The objective's group filter (DAPO dynamic sampling) on one group's valid samples."""
+        rewards = group.valid_rewards()
+        if not rewards:
+            return False
+        return bool(self.objective.keep_groups(torch.tensor(rewards, dtype=torch.float64),
+                                               torch.zeros(len(rewards), dtype=torch.long)).all())
+
+
+def _rollout_stats(stats: list) -> dict:
+    """One generation batch's measures over the workers (they run side by side)."""
+    return {
+        "rollout/seconds": max(s.seconds for s in stats),
+        "rollout/decode_steps": max(s.decode_steps for s in stats),
+        "rollout/peak_running": sum(s.peak_running for s in stats),
+        "rollout/peak_kv_tokens": sum(s.peak_kv_tokens for s in stats),
+        "rollout/preemptions": sum(s.preemptions for s in stats),
+        "rollout/scheduler_seconds": sum(s.scheduler_seconds for s in stats),
+    }
+
+
+def _columns(prompts, samples: list[Sample]) -> dict[str, list]:
+    keys = sorted({k for p in prompts for k in p.columns})
+    cols = {k: [prompts[s.group_id].columns.get(k) for s in samples] for k in keys}
+    cols["completion_ids"] = [s.response_ids for s in samples]
+    return cols
