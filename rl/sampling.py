@@ -27,6 +27,9 @@ class PendingRollout:
     handle: object
     """What `RolloutGroup.wait` takes."""
     submitted_at: float
+    data_state: dict
+    """The prompt source's position before these prompts were drawn: a checkpoint taken while
+    this batch is in flight resumes from here, so its prompts are generated again, not lost."""
 
 
 class StepSampler:
@@ -42,11 +45,12 @@ class StepSampler:
     def submit(self, extra_args: dict | None) -> PendingRollout:
         """Draw the next prompts_per_step prompts and start sampling them."""
         r = self.config.rollout
+        data_state = self.prompts.state_dict()
         prompts = self.prompts.next_batch()
         requests = [SampleRequest(i, p.token_ids) for i, p in enumerate(prompts)]
         handle = self.rollout.submit(requests, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
                                      temperature=r.temperature, top_p=r.top_p, extra_args=extra_args)
-        return PendingRollout(prompts, handle, time.perf_counter())
+        return PendingRollout(prompts, handle, time.perf_counter(), data_state)
 
     def collect(self, first: PendingRollout, extra_args: dict | None) -> ScoredBatch:
         """Wait for `first`, score it, and under dynamic sampling (DAPO, arXiv:2503.14476) drop

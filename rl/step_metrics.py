@@ -49,5 +49,6 @@ def reward_summary(rewards: list[float], valid: list[bool]) -> dict:
 def summary_line(step: int, m: dict) -> str:
     return (f"step {step}: reward {m['reward/mean']:.3f} ± {m['reward/std']:.3f} | len {m['response_length/mean']:.1f} "
             f"| loss {m['loss']:+.4f} | entropy {m.get('entropy', float('nan')):.3f} | grad {m['grad_norm']:.3f} "
-            f"| sync Δ {m['sync/max_logprob_diff']:.2e} | gen {m['time/generate']:.1f}s train {m['time/train']:.1f}s "
-            f"sync {m['time/sync']:.1f}s step {m['time/step']:.1f}s")
+            f"| sync Δ {m.get('sync/max_logprob_diff', float('nan')):.2e} | gen {m['time/generate']:.1f}s train {m['time/train']:.1f}s "
+            f"sync {m['time/sync']:.1f}s step {m['time/step']:.1f}s"
+            + (f" | stale {m['staleness/max']:.0f}" if m.get("staleness/max") else ""))

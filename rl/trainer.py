@@ -197,8 +197,7 @@ class Trainer:
         """Check every submitted sync of version <= up_to; SyncError on a mismatch."""
         due = [p for p in self.pending_checks if p[0] <= up_to]
         self.pending_checks = [p for p in self.pending_checks if p[0] > up_to]
-        if due:
-            self.weight_sync.finish()
+        loads = self.weight_sync.finish() if due else {}
         for version, engine_refs, learner_ref in due:
             learner_lp = self.learners.wait(learner_ref)
             diffs = []
@@ -214,15 +213,18 @@ class Trainer:
                         f"(mean {sum(d) / len(d):.4g}; tolerance {self.sync_tolerance:g} for the max, a quarter "
                         f"of it for the mean, trainer.sync_tolerance). The rollout engine is not running the "
                         f"learner's weights; training on its samples would be silently off-policy.")
-            self.last_check = {"sync/max_logprob_diff": max(diffs), "sync/mean_logprob_diff": sum(diffs) / len(diffs),
-                               "sync/checked_version": float(version)}
+            self.last_check = {**loads, "sync/max_logprob_diff": max(diffs),
+                               "sync/mean_logprob_diff": sum(diffs) / len(diffs), "sync/checked_version": float(version)}
 
     # --- checkpoints ------------------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> Path:
         path = self.out / "checkpoints" / f"step_{step}"
         self.learners.call_all("save_checkpoint", str(path), self.prepared.model_path)
-        state = {"step": step, "data": self.prepared.prompts.state_dict(), "python_rng": random.getstate(),
+        # Rollouts in flight for later steps are not in the checkpoint: a resume draws their
+        # prompts again (the data position before the oldest of them), so none is lost or repeated.
+        data = self.ahead[0].data_state if self.ahead else self.prepared.prompts.state_dict()
+        state = {"step": step, "data": data, "python_rng": random.getstate(),
                  "config": config_to_dict(self.config), "rollout_extra_args": self.rollout_extra_args}
         (path / STATE_FILE).write_text(json.dumps(state))
         return path

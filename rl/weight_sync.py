@@ -32,7 +32,7 @@ class WeightSync:
         self.gathering_ranks = list(learners[1:])  # fsdp: they take part in gathering, rank 0 sends
         self.workers = rollout_workers
         self.metas: list = []
-        self.deferred: list[list] = []  # object_store loads queued behind rollouts in flight
+        self.deferred: list[tuple[list, float]] = []  # object_store loads queued behind rollouts in flight
         if method == "broadcast":
             self._join(bucket_bytes)
 
@@ -74,16 +74,21 @@ class WeightSync:
             ray.get(gathers)
             del weights
             if not wait:
-                self.deferred.append(load_refs)
+                self.deferred.append((load_refs, t0))
                 return {"sync/export_seconds": t_export, "sync/deferred": 1.0}
             loads = ray.get(load_refs)
         seconds = time.perf_counter() - t0
         return {**_load_metrics(loads, seconds), "sync/export_seconds": t_export, "sync/deferred": 0.0}
 
-    def finish(self) -> None:
-        """Wait for the deferred loads (raises what a failed load raised)."""
+    def finish(self) -> dict[str, float]:
+        """Wait for the deferred loads (raises what a failed load raised); the sync/* metrics
+        of the last one (its seconds count from the send to the end of the engines' load,
+        the wait behind the rollouts in flight included)."""
+        metrics: dict[str, float] = {}
         while self.deferred:
-            ray.get(self.deferred.pop(0))
+            load_refs, t0 = self.deferred.pop(0)
+            metrics = _load_metrics(ray.get(load_refs), time.perf_counter() - t0)
+        return metrics
 
 
 def _load_metrics(loads: list[dict], seconds: float) -> dict[str, float]:

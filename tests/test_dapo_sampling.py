@@ -27,6 +27,9 @@ class FakeSource:
     def __init__(self, n):
         self.n, self.next = n, 0
 
+    def state_dict(self):
+        return {"next": self.next}
+
     def next_batch(self):
         out = [Prompt(i, f"p{i}", [i], {"answer": "1"}) for i in range(self.next, self.next + self.n)]
         self.next += self.n
