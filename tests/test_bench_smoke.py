@@ -130,13 +130,13 @@ def test_phase_split_skips_warmup_and_accounts_idle():
     assert split["trained_tok_per_s"] == pytest.approx(150.0)
 
 
-EXPECTED_SUBCOMMANDS = {"rollout", "step", "sync", "trl", "objectives", "rewards"}
+EXPECTED_SUBCOMMANDS = {"rollout", "step", "sync", "trl", "objectives", "rewards", "async"}
 
 
 def test_subcommands_are_registered_and_each_help_runs(capsys):
     assert set(bench.SUBCOMMANDS) == EXPECTED_SUBCOMMANDS
     for name in sorted(EXPECTED_SUBCOMMANDS):
-        module = importlib.import_module(f"rl.bench.{name}")
+        module = importlib.import_module(f"rl.bench.{bench.MODULES.get(name, name)}")
         assert callable(module.add_arguments) and callable(module.run), name
         with pytest.raises(SystemExit) as e:
             bench.main([name, "--help"])

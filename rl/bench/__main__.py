@@ -1,4 +1,4 @@
-"""`python -m rl.bench {rollout,step,sync,trl,objectives,rewards} ...`
+"""`python -m rl.bench {rollout,step,sync,trl,objectives,rewards,async} ...`
 
 Each subcommand lives in its own module `rl.bench.<name>` with `add_arguments(parser)` and
 `run(args) -> int`; this file only dispatches.
@@ -17,7 +17,10 @@ SUBCOMMANDS = {
     "trl": "the same workload through TRL's GRPOTrainer, side by side",
     "objectives": "every objective for a few steps on the CPU demo: final reward, length, entropy, s/step",
     "rewards": "the reward executor's own overhead per sample (trivial rewards through the process pool)",
+    "async": "the same workload at trainer.max_staleness 0, 1, 2 and auto; a pipeline model of separate hardware",
 }
+# Subcommands whose module name differs (`async` is a Python keyword).
+MODULES = {"async": "overlap"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     modules = {}
     for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        modules[name] = importlib.import_module(f"rl.bench.{name}")
+        modules[name] = importlib.import_module(f"rl.bench.{MODULES.get(name, name)}")
         modules[name].add_arguments(p)
     args = parser.parse_args(argv)
     return int(modules[args.command].run(args) or 0)
