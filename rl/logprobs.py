@@ -226,12 +226,13 @@ HEAD_BACKWARD = "auto"
 logits in vocabulary chunks (one more head matmul, no [K, V] tensor kept). "auto": stored
 when the compute dtype is 16-bit, recompute in float32 (where E would be a float32 [K, V])."""
 
-CHUNK_ELEMENTS = 1 << 22
-"""Elements of one chunk's float32 buffers (16 MiB: small enough for the allocator to reuse
-memory instead of mapping fresh pages for every chunk, and the fastest of 2^20..2^24 on a
-2-core CPU with a 49k vocabulary): token chunks of CHUNK_ELEMENTS // V rows in the forward,
-vocabulary chunks of CHUNK_ELEMENTS // K columns in the recompute backward (at least
-MIN_CHUNK of either)."""
+CHUNK_ELEMENTS: int | dict[str, int] = {"cpu": 1 << 22, "default": 1 << 26}
+"""Elements of one chunk's float32 buffers, per device type ("default": any other; an int
+sets all): token chunks of CHUNK_ELEMENTS // V rows in the forward, vocabulary chunks of
+CHUNK_ELEMENTS // K columns in the recompute backward (at least MIN_CHUNK of either).
+CPU: 16 MiB, small enough for the allocator to reuse memory instead of mapping fresh pages
+per chunk (the fastest of 2^20..2^24 on a 2-core CPU, 49k vocabulary); GPU: 256 MiB, so the
+head matmuls keep hundreds of rows (64-row chunks ran the head at a third of the rate)."""
 
 MIN_CHUNK = 64
 
@@ -248,11 +249,14 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _chunk(other: int, chunk: int | None) -> int:
+def _chunk(other: int, chunk: int | None, device: torch.device) -> int:
     """Chunk length along one axis when the other axis has `other` elements."""
     if chunk is not None:
         return max(1, int(chunk))
-    return max(MIN_CHUNK, CHUNK_ELEMENTS // max(1, other))
+    budget = CHUNK_ELEMENTS
+    if isinstance(budget, dict):
+        budget = budget.get(device.type, budget["default"])
+    return max(MIN_CHUNK, budget // max(1, other))
 
 
 def _log_softmax_rows(z: Tensor, temperature: float, owned: bool) -> Tensor:
@@ -324,7 +328,7 @@ class _HeadLogprobs(torch.autograd.Function):
             lse = torch.empty(K, **f32) if (need_w or need_b) and not stored else None
             u = torch.empty(K, h.shape[1], **f32) if need_h else None
             e_all = torch.empty(K, V, dtype=dtype, device=h.device) if keep_e else None
-            step = _chunk(V, chunk_tokens)
+            step = _chunk(V, chunk_tokens, h.device)
             for s in range(0, K, step):
                 e_ = min(K, s + step)
                 t = targets[s:e_]
@@ -378,7 +382,7 @@ class _HeadLogprobs(torch.autograd.Function):
                 else:  # recompute the logits in vocabulary chunks: each weight row's gradient once
                     grad_w = torch.empty(V, w.shape[1], dtype=ctx.dtypes[1], device=w.device) if need_w else None
                     grad_b = torch.empty(V, dtype=ctx.dtypes[2], device=w.device) if need_b else None
-                    step = _chunk(K, ctx.chunk_vocab)
+                    step = _chunk(K, ctx.chunk_vocab, h.device)
                     for v0 in range(0, V, step):
                         v1 = min(V, v0 + step)
                         wv = w[v0:v1]
@@ -406,7 +410,7 @@ class _LogitsLogprobs(torch.autograd.Function):
             f32 = dict(dtype=torch.float32, device=logits.device)
             logp, lse = torch.empty(K, **f32), torch.empty(K, **f32)
             ent = torch.empty(K, **f32) if with_entropy else None
-            step = _chunk(V, chunk_tokens)
+            step = _chunk(V, chunk_tokens, logits.device)
             for s in range(0, K, step):
                 e = min(K, s + step)
                 z, t = logits[s:e], targets[s:e]
