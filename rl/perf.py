@@ -63,8 +63,10 @@ _NAME_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
 _DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
                 "fp32": "fp32", "float32": "fp32", "float": "fp32", "tf32": "tf32"}
 
-PROBE_SHAPE = (2048, 576, 1536)
-"""(m, k, n) of the CPU probe's matmul: a SmolLM2-sized MLP projection over 2048 tokens."""
+PROBE_SHAPES = ((2048, 576, 1536), (2048, 2048, 2048))
+"""(m, k, n) of the probe's matmuls: a SmolLM2-sized MLP projection over 2048 tokens and a
+square one (small shapes reach less of a CPU's rate: the peak is the best of the two)."""
+PROBE_SHAPE = PROBE_SHAPES[0]
 
 
 # --- FLOPs ----------------------------------------------------------------------------------
@@ -221,18 +223,21 @@ def _load_cache(path: Path) -> dict:
 
 
 def probed_peaks(device: str = "cpu", seconds: float = 2.0, refresh: bool = False) -> dict[str, float]:
-    """{"bf16": TFLOP/s, "fp32": TFLOP/s} from the cache, else probed (`seconds` per dtype)
-    and written to the cache. fp16 and tf32 map to bf16 and fp32 on a probe."""
+    """{"bf16": TFLOP/s, "fp32": TFLOP/s} from the cache, else probed (`seconds` per dtype,
+    the best over PROBE_SHAPES) and written to the cache. fp16 and tf32 map to bf16 and fp32
+    on a probe."""
     path = cache_path()
     key = machine_key(device)
     cache = _load_cache(path)
     entry = cache.get(key)
     if entry and not refresh and {"bf16", "fp32"} <= entry.keys():
         return {k: float(entry[k]) for k in ("bf16", "fp32")}
-    peaks = {"bf16": probe_matmul_tflops(torch.bfloat16, seconds, device),
-             "fp32": probe_matmul_tflops(torch.float32, seconds, device)}
+    each = seconds / len(PROBE_SHAPES)
+    peaks = {name: max(probe_matmul_tflops(dtype, each, device, shape) for shape in PROBE_SHAPES)
+             for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     cache = _load_cache(path)  # re-read: another process may have written meanwhile
-    cache[key] = dict(peaks, shape=list(PROBE_SHAPE), seconds=seconds, measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    cache[key] = dict(peaks, shapes=[list(s) for s in PROBE_SHAPES], seconds=seconds,
+                      measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -284,3 +289,134 @@ def rollout_metrics(config, prompt_lens: list[int], response_lens: list[int], se
     flops = rollout_flops(config, prompt_lens, response_lens)
     return {"perf/rollout_tokens_per_s": sum(response_lens) / seconds if seconds > 0 else 0.0,
             "perf/rollout_mfu": mfu(flops, seconds, peak)}
+
+
+# --- where the time goes: torch.profiler events in categories ---------------------------------
+
+PROFILE_CATEGORIES = ("gemm", "lm_head_logprobs", "attention", "optimizer", "casts", "communication",
+                      "other_ops", "python_other")
+"""python_other: wall time not inside any profiled op's self time (Python, the autograd
+engine's own work, waiting); only with `wall_seconds` and on the CPU side."""
+
+ATTENTION_TAG = "rl.attention"
+_GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::mv",
+         "aten::addmv", "aten::_scaled_mm", "aten::dot", "aten::_addmm_activation", "aten::addbmm"}
+_CASTS = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::_copy_from", "aten::_copy_from_and_resize",
+          "aten::type_as"}
+_COMM = ("nccl", "gloo", "c10d", "all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter",
+         "broadcast", "_allgather_base", "record_param_comms")
+_ATTN = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention", "flash_attn")
+_SOFTMAX = {"aten::softmax", "aten::_softmax", "aten::_softmax_backward_data"}  # eager attention's
+_LOG_SOFTMAX = {"aten::log_softmax", "aten::_log_softmax", "aten::_log_softmax_backward_data"}  # the LM head's
+
+
+def op_category(name: str, ancestors: tuple[str, ...] = ()) -> str:
+    """Category of a profiled op from its name and its enclosing ranges' names (innermost
+    last): the LM head (log_softmax, or inside rl.logprobs.PROFILE_TAG ranges) > optimizer
+    step > communication > attention (SDPA/flash kernels, softmax, or inside an
+    ATTENTION_TAG range) > GEMM > casts > other."""
+    chain = ancestors + (name,)
+    if name in _LOG_SOFTMAX or any(n.startswith("rl.lm_head_logprobs") for n in chain):
+        return "lm_head_logprobs"
+    if any(n.startswith("Optimizer.step") or "adam" in n.lower() for n in chain):
+        return "optimizer"
+    lower = name.lower()
+    if any(c in lower for c in _COMM):
+        return "communication"
+    if name in _SOFTMAX or any(a in lower for a in _ATTN) or any(n.startswith(ATTENTION_TAG) for n in chain):
+        return "attention"
+    if name in _GEMM:
+        return "gemm"
+    if name in _CASTS:
+        return "casts"
+    return "other_ops"
+
+
+def _device_self_us(event) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, attr, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def profile_categories(prof, wall_seconds: float | None = None) -> dict:
+    """Self CPU (and device) seconds per category of a finished torch.profiler.profile.
+
+    Each op counts its SELF time (children excluded), so nothing is counted twice; a
+    record_function range's own self time (Python between its ops) goes to "other_ops"
+    unless it is one of the tagged ranges. Returns {"cpu_s": {category: s}, "device_s":
+    {category: s}, "cpu_fraction": {...}, "device_fraction": {...}, "wall_s": wall}.
+    """
+    cpu = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+    device = dict.fromkeys(PROFILE_CATEGORIES, 0.0)
+    from torch.autograd import DeviceType
+
+    for event in prof.events():
+        # CPU-side ops only: an op's self device time already holds its kernels; the kernels'
+        # and GPU-side ranges' own events would count the same time again
+        if getattr(event, "is_async", False) or getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU:
+            continue
+        ancestors = []
+        parent = event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        cat = op_category(event.name, tuple(reversed(ancestors)))
+        cpu[cat] += event.self_cpu_time_total / 1e6
+        device[cat] += _device_self_us(event) / 1e6
+    if wall_seconds is not None:
+        cpu["python_other"] = max(0.0, wall_seconds - sum(cpu.values()))
+    cpu_total = sum(cpu.values()) or 1.0
+    device_total = sum(device.values())
+    return {"cpu_s": cpu, "device_s": device, "wall_s": wall_seconds,
+            "cpu_fraction": {k: v / cpu_total for k, v in cpu.items()},
+            "device_fraction": {k: (v / device_total if device_total else 0.0) for k, v in device.items()}}
+
+
+class tag_attention:
+    """Context manager: forward hooks that wrap every module whose class name ends with
+    "Attention" in a record_function(ATTENTION_TAG) range, so `profile_categories` counts
+    eager attention's matmuls as attention (forward only: backward ops run outside it)."""
+
+    def __init__(self, model):
+        self.model, self.handles = model, []
+
+    def __enter__(self):
+        from torch.profiler import record_function
+
+        def pre(module, args, kwargs=None):
+            ctx = record_function(ATTENTION_TAG)
+            ctx.__enter__()
+            module.__dict__.setdefault("_rl_profile_ranges", []).append(ctx)
+
+        def post(module, args, output):
+            ranges = module.__dict__.get("_rl_profile_ranges")
+            if ranges:
+                ranges.pop().__exit__(None, None, None)
+
+        for module in self.model.modules():
+            if type(module).__name__.endswith("Attention"):
+                self.handles.append(module.register_forward_pre_hook(pre))
+                self.handles.append(module.register_forward_hook(post))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        return False
+
+
+def format_categories(result: dict) -> str:
+    """A small text table of `profile_categories` output."""
+    has_device = sum(result["device_s"].values()) > 0
+    lines = [f"{'category':18s} {'cpu s':>9s} {'cpu %':>6s}" + (f" {'device s':>9s} {'dev %':>6s}" if has_device else "")]
+    for cat in PROFILE_CATEGORIES:
+        line = f"{cat:18s} {result['cpu_s'][cat]:9.4f} {100 * result['cpu_fraction'][cat]:6.1f}"
+        if has_device:
+            line += f" {result['device_s'][cat]:9.4f} {100 * result['device_fraction'][cat]:6.1f}"
+        lines.append(line)
+    if result.get("wall_s") is not None:
+        lines.append(f"{'wall':18s} {result['wall_s']:9.4f}")
+    return "\n".join(lines)

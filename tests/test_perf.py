@@ -82,9 +82,10 @@ def test_cpu_probe_cache_round_trip(monkeypatch, tmp_path):
 
     monkeypatch.setattr(perf, "probe_matmul_tflops", fake_probe)
     assert perf.peak_tflops("cpu", torch.bfloat16) == 1.5
-    assert calls == [torch.bfloat16, torch.float32]  # one probe per dtype, both cached
+    n = len(perf.PROBE_SHAPES)
+    assert calls == [torch.bfloat16] * n + [torch.float32] * n  # every shape per dtype, both cached
     assert perf.peak_tflops("cpu", "float32") == 0.5 and perf.peak_tflops("cpu", "fp16") == 1.5
-    assert len(calls) == 2  # from the cache
+    assert len(calls) == 2 * n  # from the cache
     stored = json.loads((tmp_path / "peak_tflops.json").read_text())
     key = perf.machine_key("cpu")
     assert key.startswith("cpu:") and f"threads={torch.get_num_threads()}" in key
@@ -93,7 +94,7 @@ def test_cpu_probe_cache_round_trip(monkeypatch, tmp_path):
     threads = torch.get_num_threads()
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 7)
     perf.peak_tflops("cpu", torch.bfloat16)
-    assert len(calls) == 4 and len(json.loads((tmp_path / "peak_tflops.json").read_text())) == 2
+    assert len(calls) == 4 * n and len(json.loads((tmp_path / "peak_tflops.json").read_text())) == 2
 
 
 def test_probe_measures_a_positive_rate():
@@ -125,3 +126,70 @@ def test_perf_imports_no_cluster_dependencies():
             "bad = [m for m in ('ray', 'vllm', 'omegaconf') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("name,ancestors,category", [
+    ("aten::mm", (), "gemm"), ("aten::addmm", ("autograd::engine::evaluate_function: AddmmBackward0",), "gemm"),
+    ("aten::mm", ("rl.lm_head_logprobs",), "lm_head_logprobs"),
+    ("aten::exp", ("rl.lm_head_logprobs.backward",), "lm_head_logprobs"),
+    ("aten::_log_softmax", (), "lm_head_logprobs"), ("aten::_softmax", (), "attention"),
+    ("aten::_scaled_dot_product_flash_attention", (), "attention"), ("aten::bmm", ("rl.attention",), "attention"),
+    ("aten::_foreach_add_", ("Optimizer.step#AdamW.step",), "optimizer"), ("aten::_fused_adamw_", (), "optimizer"),
+    ("aten::_to_copy", (), "casts"), ("aten::copy_", (), "casts"), ("c10d::allreduce_", (), "communication"),
+    ("nccl:all_reduce", (), "communication"), ("aten::mul", (), "other_ops")])
+def test_op_category(name, ancestors, category):
+    assert perf.op_category(name, ancestors) == category
+
+
+def test_profile_categories_on_a_tiny_step(tiny_model_dir):
+    """A profiled forward + backward + AdamW step of the tiny model: every category the CPU
+    run has is found, self times add up to at most the wall time, fractions to 1."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    from rl.logprobs import make_micro_batch, response_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    mb = make_micro_batch([[1, 2, 3, 4]] * 3, [[5, 6, 7]] * 3, 0)
+    with perf.tag_attention(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, _ = response_logprobs(model, mb, 1.0, with_entropy=True)
+        logp.sum().backward()
+        opt.step()
+        wall = time.perf_counter() - t0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
+    result = perf.profile_categories(prof, wall)
+    for cat in ("gemm", "lm_head_logprobs", "attention", "optimizer", "casts"):
+        assert result["cpu_s"][cat] > 0, cat
+    assert result["cpu_s"]["communication"] == 0
+    ops = sum(v for k, v in result["cpu_s"].items() if k != "python_other")
+    assert ops <= wall * 1.05  # self times do not overlap
+    assert sum(result["cpu_s"].values()) == pytest.approx(max(wall, ops))  # python_other fills the rest
+    assert sum(result["cpu_fraction"].values()) == pytest.approx(1.0)
+    text = perf.format_categories(result)
+    assert "lm_head_logprobs" in text and "wall" in text
+
+
+def test_gpu_learner_check_cpu_smoke(tmp_path):
+    """scripts/gpu_learner_check.py runs end to end on tiny configs (CPU) and writes its JSON."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OUT=str(tmp_path), RL_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, str(root / "scripts" / "gpu_learner_check.py"), "--cpu-smoke",
+                          "--profile"], capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_learner_check.json").read_text())
+    assert report["info"]["fp32_check"]["ok"]
+    rows = report["rows"]
+    assert {r["variant"] for r in rows} == {"full", "stored", "recompute"}
+    model_rows = [r for r in rows if r["part"] == "model fwd+bwd"]
+    assert len(model_rows) == 6 and all(r["max_logp_diff"] < 1e-4 for r in model_rows)
+    assert "lm_head_logprobs" in out.stdout
