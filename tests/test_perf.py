@@ -193,3 +193,88 @@ def test_gpu_learner_check_cpu_smoke(tmp_path):
     model_rows = [r for r in rows if r["part"] == "model fwd+bwd"]
     assert len(model_rows) == 6 and all(r["max_logp_diff"] < 1e-4 for r in model_rows)
     assert "lm_head_logprobs" in out.stdout
+
+
+# --- python -m rl.bench step: MFU and --profile, in-process on the tiny model (no Ray) ---------
+
+def _fake_rollout(vocab: int, groups: int = 3, group_size: int = 4, seed: int = 0):
+    import random
+    from types import SimpleNamespace
+
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(groups):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(4, 10))]
+        for _ in range(group_size):
+            response = [rng.randrange(vocab) for _ in range(rng.randint(2, 12))]
+            samples.append(SimpleNamespace(prompt_ids=prompt, response_ids=response,
+                                           logprobs=[-1.0] * len(response)))
+    return samples
+
+
+@pytest.fixture
+def bench_config(tiny_model_dir, monkeypatch, tmp_path):
+    from pathlib import Path
+
+    monkeypatch.setenv("RL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(perf, "probe_matmul_tflops", lambda dtype, seconds=2.0, device="cpu", shape=None: 0.5)
+    path = str(Path(__file__).resolve().parent.parent / "configs" / "bench_step.yaml")
+    return path, [f"model.path={tiny_model_dir}", "learner.micro_batch_tokens=128"]
+
+
+def test_bench_step_profile_learner(bench_config, tmp_path):
+    from transformers import AutoConfig
+
+    from rl.bench import step
+    from rl.config import load_config
+
+    path, overrides = bench_config
+    config = load_config(path, overrides)
+    vocab = AutoConfig.from_pretrained(config.model.path).vocab_size
+    result = step.profile_learner(config, _fake_rollout(vocab), 12, tmp_path)
+    trace = json.loads((tmp_path / "learner_trace.json").read_text())
+    assert trace["traceEvents"]
+    text = (tmp_path / "learner_profile.txt").read_text()
+    assert "lm_head_logprobs" in text and "aten::" in text  # the category table and the top ops
+    for cat in ("gemm", "lm_head_logprobs", "attention", "optimizer"):
+        assert result["cpu_s"][cat] > 0, cat
+    assert result["sequences"] == 12 and result["peak_tflops"] == 0.5
+    assert result["learner_mfu"] == pytest.approx(result["learner_tflops"] / 0.5)
+
+
+def test_bench_step_layout_comparison_reports_mfu(bench_config, monkeypatch):
+    from transformers import AutoConfig
+
+    from rl.bench import step
+    from rl.config import load_config
+
+    path, overrides = bench_config
+    vocab = AutoConfig.from_pretrained(load_config(path, overrides).model.path).vocab_size
+    monkeypatch.setattr(step, "VARIANTS", (("bfloat16", [("shared_prompt", 0, "eager"), ("padded", 0, "sdpa")]),))
+    rows = step.layout_comparison(path, overrides, _fake_rollout(vocab), 12, 1)
+    assert len(rows) == 2
+    for r in rows:
+        assert r["learner_tflops"] > 0 and r["learner_mfu"] == pytest.approx(r["learner_tflops"] / 0.5)
+
+
+def test_bench_step_perf_split_estimate_and_logged(tiny_model_dir):
+    from transformers import AutoConfig
+
+    from rl.bench.step import perf_split
+
+    hf = AutoConfig.from_pretrained(tiny_model_dir)
+    # 2 sequences per step, prompt 10 and response 20 tokens each: trained 60, generated 40
+    split = {"response_length_mean": 20.0, "completion_tokens": 40.0, "trained_tokens": 60.0,
+             "train_s": 2.0, "generate_s": 4.0}
+    out = perf_split([{}, {}], split, hf, learner_peak=1.0, rollout_peak=2.0)
+    learner = 2 * perf.learner_flops(hf, [10], [20])
+    rollout = 2 * perf.rollout_flops(hf, [10], [20])
+    assert out["perf/learner_tflops"] == pytest.approx(learner / 2.0 / 1e12)
+    assert out["perf/learner_mfu"] == pytest.approx(learner / 2.0 / 1e12 / 1.0)
+    assert out["perf/rollout_tokens_per_s"] == 10.0
+    assert out["perf/rollout_mfu"] == pytest.approx(rollout / 4.0 / 1e12 / 2.0)
+    assert out["perf/source"] == "estimated from mean lengths"
+    logged = [{"perf/learner_tflops": 9.0, "perf/learner_mfu": 0.9, "perf/rollout_tokens_per_s": 1.0,
+               "perf/rollout_mfu": 0.1}] * 3
+    out = perf_split(logged, split, hf, 1.0, 2.0)
+    assert out["perf/learner_tflops"] == 9.0 and out["perf/source"] == "trainer metrics"

@@ -14,7 +14,20 @@ padded and packed (rl/logprobs.py), eager vs SDPA attention, bf16 autocast vs fl
 forward + backward seconds (`Learner.accumulate_gradients`, median of --layout-repeats
 interleaved runs) per trained token.
 
-    python -m rl.bench step [--config configs/bench_step.yaml] [--steps 3] [key=value ...]
+Learner TFLOP/s and MFU (rl/perf.py: model FLOPs of the trained sequences, training = 3x
+forward, LM head on response tokens only, against perf.peak_tflops of the learner's device
+and dtype): per layout variant from the exact sequence lengths; for the training loop from
+the trainer's perf/* metrics when it logs them, else estimated from the mean prompt and
+response lengths (likewise rollout tokens/s and MFU from the generate phase).
+
+--profile (needs part 2's rollout): one learner update (`PolicyUpdate.step`: forward,
+backward, optimizer) on the same sequences, in the config's layout and dtype, under
+torch.profiler after a warm-up update: a chrome trace (learner_trace.json in --out-dir) and
+the time per category (GEMMs, LM head + log-softmax, attention, optimizer, casts,
+communication, other ops, Python/other) from the ops' self CPU (and CUDA) times, printed and
+written to learner_profile.txt and step.json.
+
+    python -m rl.bench step [--config configs/bench_step.yaml] [--steps 3] [--profile] [key=value ...]
 """
 
 from __future__ import annotations
@@ -42,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout-sequences", type=int, default=64,
                    help="sequences per learner update in the layout comparison (whole groups)")
     p.add_argument("--layout-repeats", type=int, default=2)
+    p.add_argument("--profile", action="store_true",
+                   help="profile one learner update: chrome trace + time per category (GEMM, LM head, ...)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
 
 
@@ -122,22 +137,17 @@ def layout_comparison(config_path: str, overrides: list[str], samples: list, num
 
     import torch
 
+    from rl import perf
     from rl.config import load_config
-    from rl.learner import Learner, TrainBatch
+    from rl.learner import Learner
     from rl.packing import pack_micro_batches, padding_fraction
     from rl.train import resolve_model_path
 
     config = load_config(config_path, overrides)
-    # whole groups, in rollout order, as training sees them (shared_prompt relies on it)
-    picked = [s for s in samples if s.response_ids][:num_sequences]
-    n_tok = float(sum(len(s.response_ids) for s in picked))
-    gen = torch.Generator().manual_seed(0)
-    batch = TrainBatch(
-        prompt_ids=[s.prompt_ids for s in picked], response_ids=[s.response_ids for s in picked],
-        advantages=[torch.randn(len(s.response_ids), generator=gen).tolist() for s in picked],
-        rollout_logprobs=[s.logprobs for s in picked], num_tokens=n_tok, num_seqs=float(len(picked)),
-        max_len=float(config.rollout.max_new_tokens))
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in picked]
+    batch = train_batch(samples, num_sequences, config.rollout.max_new_tokens)
+    lengths = [len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.response_ids)]
+    flops = _learner_flops(config, batch)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     budget = config.learner.micro_batch_tokens
     results = []
     for dtype, variants in VARIANTS:
@@ -161,15 +171,127 @@ def layout_comparison(config_path: str, overrides: list[str], samples: list, num
             layout, row, attn = variant
             st, seconds = stats[variant], statistics.median(times[variant])
             label = f"packed/{row}" if layout == "packed" else layout
+            peak = perf.peak_tflops(device, dtype)
             results.append({"layout": label, "attention": attn, "dtype": dtype, "seconds": seconds,
                             "seconds_all": times[variant], "micro_batches": st["micro_batches"],
                             "tokens": sum(lengths), "processed_tokens": st["processed_tokens"],
                             "padding_fraction": 1 - st["real_tokens"] / st["processed_tokens"],
-                            "trained_tok_per_s": sum(lengths) / seconds})
+                            "trained_tok_per_s": sum(lengths) / seconds,
+                            "learner_tflops": perf.tflops(flops, seconds), "peak_tflops": peak,
+                            "learner_mfu": perf.mfu(flops, seconds, peak)})
         del learner
     results[0]["padding_fraction_greedy_before"] = padding_fraction(lengths, _greedy_padded(lengths, budget))
     results[0]["padding_fraction_padded_dp"] = padding_fraction(lengths, pack_micro_batches(lengths, budget))
     return results
+
+
+def train_batch(samples: list, num_sequences: int, max_new_tokens: int):
+    """A TrainBatch of the first `num_sequences` samples with a response: whole groups, in
+    rollout order, as training sees them (shared_prompt relies on it); random advantages."""
+    import torch
+
+    from rl.learner import TrainBatch
+
+    picked = [s for s in samples if s.response_ids][:num_sequences]
+    gen = torch.Generator().manual_seed(0)
+    return TrainBatch(
+        prompt_ids=[s.prompt_ids for s in picked], response_ids=[s.response_ids for s in picked],
+        advantages=[torch.randn(len(s.response_ids), generator=gen).tolist() for s in picked],
+        rollout_logprobs=[s.logprobs for s in picked], num_tokens=float(sum(len(s.response_ids) for s in picked)),
+        num_seqs=float(len(picked)), max_len=float(max_new_tokens))
+
+
+def _hf_config(config):
+    from transformers import AutoConfig
+
+    from rl.train import resolve_model_path
+
+    return AutoConfig.from_pretrained(resolve_model_path(config.model.path))
+
+
+def _learner_flops(config, batch) -> float:
+    from rl import perf
+
+    return perf.learner_flops(_hf_config(config), [len(p) for p in batch.prompt_ids],
+                              [len(r) for r in batch.response_ids])
+
+
+def perf_split(rows: list[dict], split: dict, hf_config, learner_peak: float, rollout_peak: float) -> dict:
+    """perf/learner_tflops, perf/learner_mfu, perf/rollout_tokens_per_s, perf/rollout_mfu of
+    the training loop: the trainer's own metrics when it logs them (mean after warm-up), else
+    estimated from the phase split's mean lengths (every sequence at the mean prompt and
+    response length: the attention term is then slightly low)."""
+    from rl import perf
+
+    kept = rows[1:] if len(rows) > 1 else rows
+    logged = {k: statistics.fmean(r[k] for r in kept) for k in
+              ("perf/learner_tflops", "perf/learner_mfu", "perf/rollout_tokens_per_s", "perf/rollout_mfu")
+              if kept and all(k in r for r in kept)}
+    response = split["response_length_mean"]
+    n = split["completion_tokens"] / response if response else 0.0
+    out = {}
+    if n:
+        prompt = max(0.0, (split["trained_tokens"] - split["completion_tokens"]) / n)
+        p, r = [round(prompt)], [round(response)]
+        learner_flops = perf.learner_flops(hf_config, p, r) * n
+        rollout_flops = perf.rollout_flops(hf_config, p, r) * n
+        out = {"perf/learner_tflops": perf.tflops(learner_flops, split["train_s"]),
+               "perf/learner_mfu": perf.mfu(learner_flops, split["train_s"], learner_peak),
+               "perf/rollout_tokens_per_s": split["completion_tokens"] / max(split["generate_s"], 1e-9),
+               "perf/rollout_mfu": perf.mfu(rollout_flops, split["generate_s"], rollout_peak)}
+    out.update(logged)
+    out.update({"perf/source": "trainer metrics" if logged else "estimated from mean lengths",
+                "perf/learner_peak_tflops": learner_peak, "perf/rollout_peak_tflops": rollout_peak})
+    return out
+
+
+def profile_learner(config, samples: list, num_sequences: int, out_dir: Path) -> dict:
+    """One profiled learner update (after a warm-up one) on `num_sequences` of `samples`, in
+    the config's layout and dtype: chrome trace + time per category (rl.perf)."""
+    import dataclasses
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from rl import perf
+    from rl.learner import Learner
+    from rl.train import resolve_model_path
+
+    batch = train_batch(samples, num_sequences, config.rollout.max_new_tokens)
+    # the hand-built batch is one mini-batch; everything else as configured
+    learner = Learner(dataclasses.replace(config.model, path=resolve_model_path(config.model.path)),
+                      dataclasses.replace(config.learner, mini_batches=1), config.objective,
+                      temperature=config.rollout.temperature, seed=0)
+    update, net = learner.updater, learner.policy.net
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    update.step(batch)  # warm-up: allocator, kernels
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with perf.tag_attention(net), profile(activities=activities) as prof:
+        sync()
+        t0 = time.perf_counter()
+        update.step(batch)
+        sync()
+        wall = time.perf_counter() - t0
+    trace = out_dir / "learner_trace.json"
+    prof.export_chrome_trace(str(trace))
+    result = perf.profile_categories(prof, wall)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    top = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
+    flops = _learner_flops(config, batch)
+    peak = perf.peak_tflops("cuda" if cuda else "cpu", config.model.dtype)
+    result.update({"trace": str(trace), "sequences": len(batch.response_ids),
+                   "layout": config.learner.resolved_layout, "dtype": config.model.dtype,
+                   "learner_tflops": perf.tflops(flops, wall), "learner_mfu": perf.mfu(flops, wall, peak),
+                   "peak_tflops": peak})
+    text = (f"learner update ({result['sequences']} sequences, layout {result['layout']}, {result['dtype']}): "
+            f"{wall:.3f} s, {result['learner_tflops']:.3f} TFLOP/s, MFU {result['learner_mfu']:.3f} "
+            f"of {peak:.2f}\n{perf.format_categories(result)}\n\n{top}")
+    (out_dir / "learner_profile.txt").write_text(text)
+    print(text.split("\n\n")[0])
+    print(f"wrote {trace} and {out_dir / 'learner_profile.txt'}")
+    del learner
+    return result
 
 
 def _greedy_padded(lengths: list[int], budget: int) -> list[list[int]]:
@@ -214,6 +336,19 @@ def plot(split: dict, layouts: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def training_perf(config_path: str, overrides: list[str], rows: list[dict], split: dict) -> dict:
+    """`perf_split` with the model's transformers config and the learner's and rollout's
+    peaks (this machine's device; the config's dtype)."""
+    import torch
+
+    from rl import perf
+    from rl.config import load_config
+
+    config = load_config(config_path, overrides)
+    peak = perf.peak_tflops("cuda" if torch.cuda.is_available() else "cpu", config.model.dtype)
+    return perf_split(rows, split, _hf_config(config), peak, peak)
+
+
 def report_split(split: dict) -> None:
     print_table([split], [f"{p}_s" for p in PHASES] + ["step_s", "generated_tok_per_s", "trained_tok_per_s",
                                                         "completion_tok_per_step_s", "padding_fraction"])
@@ -221,7 +356,8 @@ def report_split(split: dict) -> None:
 
 def report_layouts(layouts: list[dict]) -> dict:
     print_table(layouts, ["layout", "attention", "dtype", "seconds", "micro_batches", "tokens",
-                          "processed_tokens", "padding_fraction", "trained_tok_per_s"])
+                          "processed_tokens", "padding_fraction", "trained_tok_per_s", "learner_tflops",
+                          "learner_mfu"])
     by = {(r["layout"], r["attention"], r["dtype"]): r["trained_tok_per_s"] for r in layouts}
     bf16, fp32 = "bfloat16", "float32"
     ratios = {
@@ -241,17 +377,25 @@ def report_layouts(layouts: list[dict]) -> dict:
 def run(args) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows, samples = run_training(args.config, args.steps, out, args.overrides, keep_rollout=not args.no_layouts)
+    rows, samples = run_training(args.config, args.steps, out, args.overrides,
+                                 keep_rollout=not args.no_layouts or args.profile)
     split = phase_split(rows)
     report_split(split)
-    layouts, ratios = [], {}
+    perf_metrics = training_perf(args.config, args.overrides, rows, split)
+    print("perf: " + ", ".join(f"{k.removeprefix('perf/')} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in perf_metrics.items()))
+    layouts, ratios, profiled = [], {}, None
     if not args.no_layouts:
         layouts = layout_comparison(args.config, args.overrides, samples, args.layout_sequences,
                                     args.layout_repeats)
         ratios = report_layouts(layouts)
+    if args.profile:
+        from rl.config import load_config
+
+        profiled = profile_learner(load_config(args.config, args.overrides), samples, args.layout_sequences, out)
     (out / "step.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
-                                               "split": split, "layouts": layouts, "ratios": ratios,
-                                               "steps": rows}, indent=2))
+                                               "split": split, "perf": perf_metrics, "layouts": layouts,
+                                               "ratios": ratios, "profile": profiled, "steps": rows}, indent=2))
     plot(split, layouts, out / "step.png")
     print(f"wrote {out / 'step.json'} and {out / 'step.png'}")
     return 0
