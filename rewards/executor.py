@@ -24,6 +24,10 @@ from rewards.worker import Task, Worker, default_context, describe_exit
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip_group", "value")
+# Appended to a failure whose worker process exited inside the function (os._exit, a segfault
+# in native code, the OOM killer); by then the executor has started a replacement.
+EXITED = ("while scoring this sample: the reward function's process exited (os._exit, a crash in "
+          "native code, or the OOM killer?) and was replaced by a new worker")
 
 
 def _inputs(fn: LoadedReward, prompts: list[str], completions: list[str],
@@ -141,6 +145,7 @@ class RewardExecutor:
         self._seconds = [0.0] * len(self.functions)
         self._abort: RewardError | None = None
         restarts_before = self.restarts
+        self._replace_dead_idle()
         tasks = self._make_tasks(n)
         if self.num_workers == 0:
             for task in tasks:
@@ -226,7 +231,24 @@ class RewardExecutor:
         task.id, task.sent_at = self._next_id, time.monotonic()
         pos, kw = self._slice(task)
         w.task = task
-        w.conn.send((task.id, task.fn_idx, len(task.indices), pos, kw))
+        try:
+            w.conn.send((task.id, task.fn_idx, len(task.indices), pos, kw))
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            # The process died after its last check; its sentinel wakes _run_pool, which
+            # replaces it and redoes this chunk (nothing of it ran, so nothing is blamed).
+            if w.proc.is_alive():
+                w.proc.kill()
+
+    def _replace_dead_idle(self) -> None:
+        """Replace workers that died while no task was theirs (between steps: the OOM killer, a
+        thread or child process the reward function left behind): sending them the next task
+        would fail. Nothing is blamed; the restart is counted."""
+        for w in list(self._workers):
+            if w.task is None and w.ready and not w.proc.is_alive():
+                w.proc.join()
+                log.warning("a reward worker process exited between calls (%s); starting a new one",
+                            describe_exit(w.proc.exitcode))
+                self._replace(w, deque(), "crash", "exited between calls")
 
     def _limit(self, w: Worker, position: float) -> float:
         # Async calls time out softly inside the worker (asyncio.wait_for); the hard kill only
@@ -308,7 +330,7 @@ class RewardExecutor:
             position = int(w.progress[0])
             status = TIMEOUT if kind == "timeout" else ERROR
             if kind == "crash":
-                message += " while scoring this sample"
+                message += " " + EXITED
             if position == int(WHOLE_CHUNK):
                 blamed = list(task.indices)  # a batch call or async chunk: the whole chunk failed
             elif 0 <= position < len(task.indices):
