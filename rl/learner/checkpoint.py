@@ -1,5 +1,9 @@
 """Checkpoints in Hugging Face format (float32 weights, LoRA merged, tokenizer), plus the
-training state a resume needs (optimizer, LR schedule, torch RNG, LoRA adapter)."""
+training state a resume needs (optimizer, LR schedule, torch RNG, LoRA adapter).
+
+The driver hands rank 0 a temporary directory (`.step_N.tmp`, rl/checkpoints.py) and renames
+it to `step_N` only after every file is written, so this module writes files in any order; it
+flushes them to disk before returning, on the node that wrote them."""
 
 from __future__ import annotations
 
@@ -8,10 +12,9 @@ from pathlib import Path
 
 import torch
 
+from rl.checkpoints import OPTIMIZER_FILE, fsync_tree
 from rl.learner.model import PolicyModel
 from rl.learner.update import PolicyUpdate
-
-OPTIMIZER_FILE = "optimizer.pt"
 
 
 def save_checkpoint(policy: PolicyModel, update: PolicyUpdate, path: str, tokenizer_source: str, rank: int) -> None:
@@ -40,6 +43,7 @@ def save_checkpoint(policy: PolicyModel, update: PolicyUpdate, path: str, tokeni
         training["optimizer"] = update.optimizer.state_dict()
     AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(out)
     torch.save(training, out / OPTIMIZER_FILE)
+    fsync_tree(out)  # on disk before the driver renames the directory into place
 
 
 def load_training_state(policy: PolicyModel, update: PolicyUpdate, path: str, world_size: int) -> None:
