@@ -85,7 +85,7 @@ def run_training(config_path: str, steps: int, out_dir: Path, overrides: list[st
     try:
         trainer.fit()
         if keep_rollout:
-            samples, _ = trainer.generate(trainer.p.prompts.next_batch())
+            samples = trainer.sample_and_score().samples  # one more step's rollout (and rewards)
     finally:
         trainer.close()
         ray.shutdown()
@@ -259,8 +259,9 @@ def profile_learner(config, samples: list, num_sequences: int, out_dir: Path) ->
 
     batch = train_batch(samples, num_sequences, config.rollout.max_new_tokens)
     # the hand-built batch is one mini-batch; everything else as configured
+    one = {"mini_batches": 1} if "mini_batches" in {f.name for f in dataclasses.fields(config.learner)} else {}
     learner = Learner(dataclasses.replace(config.model, path=resolve_model_path(config.model.path)),
-                      dataclasses.replace(config.learner, mini_batches=1), config.objective,
+                      dataclasses.replace(config.learner, **one), config.objective,
                       temperature=config.rollout.temperature, seed=0)
     update, net = learner.updater, learner.policy.net
     cuda = torch.cuda.is_available()
