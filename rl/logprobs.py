@@ -35,14 +35,17 @@ Same gradient as the padded layout; the model processes sum_k P_k + sum_i (T_i -
 The lm_head and log-softmax (every layout, the default): only the K positions that predict a
 response token go through the head, and never as a full [K, V] float32 tensor.
 `chunked_head_logprobs` is one autograd Function over the decoder's hidden states [K, H] and
-the head weight [V, H]: the forward takes token chunks of [k, V] logits (the matmul in the
-compute dtype, bf16 under autocast, then logsumexp / target logit / entropy in float32 on the
-chunk) and keeps only the hidden states and one logsumexp per token; the backward recomputes
-the logits in vocabulary chunks [K, v] and writes d hidden (summed over the chunks) and the
-head weight's rows d W[v] (each once). `chunked_logits_logprobs` does the same on logits that
-already exist (models that scale or soft-cap logits, FSDP-sharded models, a head that is not a
-plain Linear, the first logits of the shared_prompt layout). `response_logprobs(...,
-chunked=False)` or `USE_CHUNKED = False` runs the previous full-logits path (A/B, tests).
+the head weight [V, H]. Its forward takes token chunks of [k, V] logits (the matmul in the
+compute dtype, bf16 under autocast, then log-softmax, target log-prob and entropy in float32
+on the chunk) and, since d logp / d logits = onehot - softmax does not depend on the upstream
+gradient g, already forms d hidden / g = -(softmax - onehot) W per token. For the head
+weight's gradient it keeps E = softmax - onehot in bf16 [K, V] ("stored", the 16-bit default:
+one matmul in the backward) or only the hidden states and one logsumexp per token
+("recompute": the logits recomputed in vocabulary chunks; the float32 default).
+`chunked_logits_logprobs` does the float32 work in token chunks on logits that already exist
+(models that scale or soft-cap logits, FSDP-sharded models, a head that is not a plain
+Linear, the first logits of the shared_prompt layout). `response_logprobs(..., chunked=False)`
+or `USE_CHUNKED = False` runs the previous full-logits path (A/B, tests).
 """
 
 from __future__ import annotations
