@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from rewards.loading import CallPlan
+from rewards.loading import PROMPT_MESSAGES, CallPlan
 
 OK, ERROR, TIMEOUT = 0, 1, 2
 Outcome = tuple[int, Any, "dict[str, float] | None"]
@@ -95,6 +95,30 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+def conversational_inputs(plan: CallPlan, pos: Sequence[list], kw: dict[str, list]) -> tuple[list[list], dict[str, list]]:
+    """Consume the PROMPT_MESSAGES column; for the TRL convention, turn each conversational
+    sample's inputs into what TRL's GRPOTrainer passes: `prompts[i]` the prompt's messages,
+    `completions[i]` ``[{"role": "assistant", "content": text}]``. Samples whose entry is None
+    (prompt used as plain text) keep their strings, as TRL's standard format does."""
+    if PROMPT_MESSAGES not in kw:
+        return list(pos), kw
+    kw = dict(kw)
+    messages = kw.pop(PROMPT_MESSAGES)
+    if plan.convention != "trl" or not any(isinstance(m, list) for m in messages):
+        return list(pos), kw
+
+    def convert(name: str, values: list) -> list:
+        if name == "prompts":
+            return [list(m) if isinstance(m, list) else v for v, m in zip(values, messages)]
+        if name == "completions":
+            return [[{"role": "assistant", "content": v}] if isinstance(m, list) else v
+                    for v, m in zip(values, messages)]
+        return values
+
+    return ([convert(name, v) for name, v in zip(plan.positional, pos)],
+            {name: convert(name, v) for name, v in kw.items()})
+
+
 def _call_args(plan: CallPlan, pos: Sequence[list], kw: dict[str, list], i: int | None,
                kwargs: dict[str, Any]) -> tuple[list, dict[str, Any]]:
     # i None: batched call, whole lists; else the i-th element of every input.
@@ -132,6 +156,7 @@ class ChunkRunner:
     def run(self, n: int, pos: Sequence[list], kw: dict[str, list]) -> tuple[list[Outcome], float]:
         """Score n samples; returns one outcome per sample and the seconds spent in the function."""
         t0 = time.perf_counter()
+        pos, kw = conversational_inputs(self.plan, pos, kw)
         try:
             if self.plan.batched:
                 outcomes = self._run_batched(n, pos, kw)

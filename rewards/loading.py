@@ -3,13 +3,17 @@
 Three calling conventions are recognised from the function's signature, so existing reward
 functions load unchanged:
 
-- ``trl``:   ``f(prompts, completions, **columns) -> list[float | None]``  (one call per chunk)
+- ``trl``:   ``f(prompts, completions, **columns) -> list[float | None]``  (one call per chunk),
+             called as TRL's GRPOTrainer calls it: every input by keyword, and for a
+             conversational prompt (one rendered with the chat template, see
+             PROMPT_MESSAGES) `prompts` as message lists and `completions` as
+             ``[{"role": "assistant", "content": text}]`` (TRL's own `trl.rewards` load as they are)
 - ``verl``:  ``compute_score(data_source, solution_str, ground_truth, extra_info=None)``
              ``-> float | dict`` (dict: "score" plus sub-scores)            (one call per sample)
 - ``plain``: ``f(prompt, completion, **columns) -> float | None | dict``    (one call per sample)
 
 Auto-detection looks at parameter names: ``solution_str`` -> verl; ``completions`` or
-``prompts`` -> trl; ``completion`` -> plain. Anything else needs an explicit ``convention``,
+``prompts`` -> trl; ``completion`` -> plain; ``completion_ids`` alone -> trl. Anything else needs an explicit ``convention``,
 and then the first positional parameters receive the convention's inputs in order.
 Every mistake a user can make in the config is reported here, at config time, as a
 ``RewardError`` naming the function and the fix.
@@ -40,7 +44,12 @@ _PRIMARY = {
 # Inputs a function cannot do without (the rest are passed when the signature accepts them).
 _NEEDED = {"trl": "completions", "plain": "completion", "verl": "solution_str"}
 # Column names never forwarded as extra keyword columns: the convention passes them itself.
-_RESERVED = {"prompt", "prompts", "completion", "completions", "solution_str"}
+PROMPT_MESSAGES = "prompt_messages"
+"""Reserved batch column: per sample, the chat messages ([{role, content}, ...]) its prompt was
+rendered from with the chat template, or None for a prompt used as plain text. It tells the
+TRL convention that a sample is conversational (rewards/calling.py converts `prompts` and
+`completions` as TRL does); it is consumed there and never passed to a function."""
+_RESERVED = {"prompt", "prompts", "completion", "completions", "solution_str", PROMPT_MESSAGES}
 
 _SIGNATURE_HELP = (
     "Reward functions must follow one of three conventions: TRL "
@@ -60,7 +69,8 @@ class CallPlan:
     keyword: tuple[str, ...]
     """Convention inputs passed by keyword (parameter name == input name)."""
     column_params: tuple[str, ...]
-    """Named parameters that columns may fill (trl/plain)."""
+    """Named parameters that columns may fill (trl/plain); trl also PROMPT_MESSAGES, so that the
+    executor sends that column along (calling.py consumes it)."""
     required_columns: tuple[str, ...]
     """Parameters without a default that only a column can fill."""
     var_kwargs: bool
@@ -222,6 +232,8 @@ def make_plan(fn: Callable[..., Any], label: str, convention: str | None, kwargs
             convention = "trl"
         elif "completion" in named:
             convention = "plain"
+        elif "completion_ids" in named:
+            convention = "trl"  # e.g. trl.rewards.get_soft_overlong_punishment(...)(completion_ids, **kwargs)
         else:
             raise _fail(
                 label,
@@ -233,8 +245,10 @@ def make_plan(fn: Callable[..., Any], label: str, convention: str | None, kwargs
     keyword = tuple(n for n in primary if n in named)
     positional: tuple[str, ...] = ()
     if not keyword:
-        if var_kwargs and not positional_params and not var_args:
-            keyword = primary  # f(**kwargs): TRL passes everything by keyword, so do we
+        if var_kwargs and (convention == "trl" or (not positional_params and not var_args)):
+            keyword = primary  # f(**kwargs), f(completion_ids, **kwargs): TRL passes everything by keyword
+        elif convention == "trl" and "completion_ids" in named:
+            pass  # reads token ids only: the completion_ids column fills it
         else:
             # Explicit convention with other names: inputs go positionally, in order.
             slots = len(positional_params) if not var_args else len(primary)
@@ -243,7 +257,8 @@ def make_plan(fn: Callable[..., Any], label: str, convention: str | None, kwargs
         # TRL and verl call by keyword, so their missing inputs land in **kwargs; a plain
         # function's **columns receives dataset columns only.
         keyword = primary
-    if _NEEDED[convention] not in positional + keyword:
+    reads_ids = convention == "trl" and "completion_ids" in named
+    if _NEEDED[convention] not in positional + keyword and not reads_ids:
         raise _fail(
             label,
             f"with convention {convention!r} its signature {sig} has no place for the "
@@ -275,6 +290,8 @@ def make_plan(fn: Callable[..., Any], label: str, convention: str | None, kwargs
             raise _fail(label, f"parameters {list(required)} have no default and the verl convention "
                         "does not fill them.", "give them defaults or pass them in `kwargs`.")
         column_params = ()
+    if convention == "trl":
+        column_params += (PROMPT_MESSAGES,)
     return CallPlan(convention, _is_async(fn), positional, keyword, column_params, required, var_kwargs)
 
 
