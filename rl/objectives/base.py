@@ -4,7 +4,7 @@ An objective is two pure functions behind one signature (the conformance interfa
 
     adv = obj.advantages(rewards, group, mask, logp=None)      # [N] [N] [N,T] [N,T] -> [N,T]
     loss, metrics = obj.loss(logp, old_logp, adv, mask, ref_logp=None, entropy=None,
-                             *, norm=None, batch_stats=None)
+                             *, norm=None, batch_stats=None, behavior_weight=None)
 
 Micro-batch / data-parallel invariance: the learner calls ``norm = obj.loss_norm(full_mask)``
 and ``stats = obj.batch_stats(full_mask, entropy=full_entropy)`` ONCE for the global batch and
@@ -24,7 +24,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .common import AGG_MODES, KL_TYPES, LossNorm, aggregate, kl_penalty, masked_mean
+from .common import (
+    AGG_MODES, KL_TYPES, LossNorm, aggregate, correct_weight, kl_penalty, masked_mean,
+)
 from .registry import build_config
 
 
@@ -136,6 +138,22 @@ class Objective:
         learners then compute them over every rank's tokens before the update."""
         return False
 
+    def behavior_weights(self, log_w: Tensor, mask: Tensor, mode: str, cap: float,
+                         entropy: Optional[Tensor] = None) -> Tensor:
+        """Off-policy correction weights [N, T] for ``loss(behavior_weight=...)``.
+
+        log_w [N, T]: per-token log importance weight prox_logp - behavior_logp between the
+        proximal policy (the learner at the start of the step) and the behavior policy (the
+        rollout engine), 0 where ``mask`` [N, T] bool is false (``common.behavior_log_weight``).
+        mode: none | truncate | mask, cap: C > 0 (``common.correct_weight``); entropy [N, T]:
+        the current policy's per-token entropy (detached; DHPO's entropy mixing), or None.
+
+        Default: token level, w_t = exp(log_w_t), then truncated (min(w_t, C)) or masked (0 where
+        w_t > C). Sequence-level objectives override it to weight at their level (GSPO: the
+        geometric mean over the response; DHPO: the mix of token and sequence weights).
+        """
+        return correct_weight(torch.exp(log_w), mode, cap)
+
     # ------------------------------------------------------------ global statistics
     def loss_norm(self, mask: Tensor, max_len: Optional[int] = None) -> LossNorm:
         """Global counts from the FULL batch mask [N, T]; pass the result as ``loss(norm=...)``."""
@@ -171,6 +189,7 @@ class Objective:
         *,
         norm: Optional[LossNorm] = None,
         batch_stats: Any = None,
+        behavior_weight: Optional[Tensor] = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Scalar loss (differentiable in ``logp``) and python-float metrics.
 
@@ -180,6 +199,9 @@ class Objective:
             ``mask``, which is only right when this call sees the whole batch.
         batch_stats: from ``batch_stats(full_mask, entropy=...)`` for objectives with batch-level
             statistics (HAPO); without it they are computed from this call's tensors.
+        behavior_weight: [N, T] off-policy correction weights from ``behavior_weights`` (treated
+            as constants); they multiply the per-token POLICY loss before aggregation (not the
+            KL term, and not the denominators). None: no correction (weight 1).
         """
         mask = mask.bool()
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
@@ -192,6 +214,9 @@ class Objective:
         if self.needs_entropy and ent is None:
             raise ValueError(f"objective {self.name!r} needs per-token entropy")
         per_token, metrics = self.token_loss(lp, old, a, mask, ent, batch_stats)
+        if behavior_weight is not None:
+            one = torch.ones((), dtype=logp.dtype, device=logp.device)
+            per_token = per_token * torch.where(mask, behavior_weight.detach().to(logp.dtype), one)
         if self.cfg.beta > 0:
             if ref_logp is None:
                 raise ValueError(f"objective {self.name!r} has beta > 0 and needs ref_logp")

@@ -216,3 +216,77 @@ def advantage_metrics(adv: Tensor, mask: Tensor) -> dict[str, float]:
         "adv/std": float(vals.std(unbiased=False)),
         "adv/abs_max": float(vals.abs().max()),
     }
+
+
+# ---------------------------------------------------------------- off-policy (behavior) correction
+# Decoupled PPO (docs/ALGORITHMS.md, "PPO epochs, mini-batches and off-policy correction"): the
+# behavior policy mu (the rollout engine, whose log-probs come with the samples) sampled the
+# tokens; the proximal policy pi_prox (the learner at the start of the step) anchors the clip.
+# The importance weight w = pi_prox / mu corrects for the gap; it is a constant (no gradient).
+
+BEHAVIOR_MODES = ("none", "truncate", "mask")
+
+_LOG_W_BOUND = 20.0
+
+
+def behavior_log_weight(prox_logp: Tensor, behavior_logp: Tensor, mask: Tensor) -> Tensor:
+    """log w [N, T] = prox_logp - behavior_logp on valid tokens, 0 elsewhere (detached).
+
+    prox_logp, behavior_logp: [N, T]; mask: [N, T] bool. Clamped to [-20, 20] so that one token
+    the engine found far less likely than the learner cannot overflow exp (or its square in
+    ``ess_sums``); a weight of e^20 is truncated or masked at any sensible cap anyway.
+    """
+    mask = mask.bool()
+    d = (prox_logp.detach() - behavior_logp.detach().to(prox_logp.dtype)).clamp(-_LOG_W_BOUND, _LOG_W_BOUND)
+    return torch.where(mask, d, torch.zeros((), dtype=d.dtype, device=d.device))
+
+
+def sequence_log_mean(log_x: Tensor, mask: Tensor) -> Tensor:
+    """[N]: mean over each row's valid tokens of ``log_x`` [N, T] (0 for an empty row); the log
+    of the geometric mean, as GSPO's sequence ratio."""
+    mask = mask.bool()
+    lengths = mask.sum(-1).clamp_min(1).to(log_x.dtype)
+    return masked_sum(log_x, mask, dim=-1) / lengths
+
+
+def correct_weight(w: Tensor, mode: str, cap: float) -> Tensor:
+    """Importance weights ``w`` (any shape, >= 0) -> the weights the loss applies (same shape).
+
+    none: 1 everywhere (no correction); truncate: min(w, cap) (truncated importance sampling);
+    mask: w where w <= cap, 0 where w > cap (the token is dropped from the policy loss).
+    """
+    if mode == "none":
+        return torch.ones_like(w)
+    if mode == "truncate":
+        return w.clamp(max=cap)
+    if mode == "mask":
+        return torch.where(w > cap, torch.zeros_like(w), w)
+    raise ValueError(f"unknown behavior correction mode {mode!r}; valid: {', '.join(BEHAVIOR_MODES)}")
+
+
+def k3_from_log_ratio(log_ratio: Tensor) -> Tensor:
+    """Per-token k3 estimate [same shape] of a KL from ``log_ratio`` = log(p/q) at tokens drawn
+    from q: exp(d) - d - 1 >= 0. Under y ~ q, E[p/q - 1] = 0, so E[k3] = E[-log(p/q)] = KL(q || p)
+    (unbiased, never negative, lower variance than k1 = -d).
+
+    behavior/mismatch_kl: d = prox - behav (tokens from the behavior mu) -> KL(mu || pi_prox).
+    actor/approx_kl:      d = old - logp -> the usual PPO approx_kl between the proximal and the
+    current policy (KL(pi || pi_prox) if the tokens came from the current policy).
+    """
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def ess_sums(w: Tensor, mask: Tensor) -> tuple[float, float, float]:
+    """(sum w, sum w^2, n) over the valid tokens of ``w`` [N, T] (float64): the pieces of
+    ``ess_fraction``, summed over micro-batches and data-parallel ranks before dividing."""
+    mask = mask.bool()
+    v = w.detach()[mask].to(torch.float64)
+    return float(v.sum()), float(v.square().sum()), float(v.numel())
+
+
+def ess_fraction(sum_w: float, sum_w2: float, n: float) -> float:
+    """Normalized effective sample size (sum w)^2 / (n * sum w^2), in (0, 1]: 1 when every weight
+    is equal (on-policy), about 1/n when one weight dominates. 1.0 for no tokens."""
+    if n <= 0 or sum_w2 <= 0:
+        return 1.0
+    return (sum_w * sum_w) / (n * sum_w2)

@@ -13,6 +13,13 @@ are mixed either with a fixed average or with entropy-guided per-token weights.
     loss_t = max(-A_i R_t, -A_i Rc_t), token-mean.
     mixing average: w_t = 0.5; mixing entropy: w_t = sg(ent_t / max_{t' in y_i} ent_t'), so
     high-entropy "forking" tokens lean on the token ratio, the rest on the sequence ratio.
+
+Off-policy correction (``behavior_weights``): each branch's weight is corrected (truncated or
+masked) at its own level, the token weight W_t = c(exp(log_w_t)) and GSPO's sequence weight
+W_i = c(exp(mean_t log_w_t)), then mixed with the same w_t and form as the ratios:
+arithmetic w_t W_t + (1 - w_t) W_i, geometric W_t^w_t W_i^(1 - w_t). The mixed weight multiplies
+the mixed per-token loss; that is the exact decoupled gradient at w_t = 0 or 1 (or W_t = W_i),
+and a per-token blend of the two otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .common import clip_metrics, masked_mean
+from .common import clip_metrics, correct_weight, masked_mean, sequence_log_mean
 from .grpo import GRPO, GRPOConfig
 from .gspo import seq_log_ratio
 from .registry import register_objective
@@ -109,12 +116,17 @@ class DHPO(GRPO):
     def needs_entropy(self) -> bool:
         return self.cfg.mixing == "entropy"
 
+    def mix_weight(self, like: Tensor, mask: Tensor, entropy: Optional[Tensor]) -> Tensor:
+        """w [N, T] (shape and dtype of ``like``): 0.5 (average) or ent / max ent (entropy)."""
+        if self.cfg.mixing == "entropy":
+            if entropy is None:
+                raise ValueError(f"objective {self.name!r} with mixing: entropy needs per-token entropy")
+            return entropy_mix_weight(entropy.to(like.dtype), mask)
+        return torch.full_like(like, 0.5)
+
     def token_loss(self, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
                    entropy: Optional[Tensor], batch_stats: Any) -> tuple[Tensor, dict[str, float]]:
-        if self.cfg.mixing == "entropy":
-            w = entropy_mix_weight(entropy, mask)
-        else:
-            w = torch.full_like(logp, 0.5)
+        w = self.mix_weight(logp, mask, entropy)
         c = self.cfg
         pg, big_r, _, is_clipped = dhpo_token_loss(
             logp, old_logp, adv, mask, w, c.eps_low, c.eps_high, c.seq_eps_low, c.seq_eps_high,
@@ -123,3 +135,17 @@ class DHPO(GRPO):
         metrics["ratio/mean"] = masked_mean(big_r, mask)
         metrics["dhpo/mix_weight_mean"] = masked_mean(w, mask)
         return pg, metrics
+
+    def behavior_weights(self, log_w: Tensor, mask: Tensor, mode: str, cap: float,
+                         entropy: Optional[Tensor] = None) -> Tensor:
+        """The token weight and the sequence weight, each truncated / masked at its own level,
+        mixed with the loss's mixing weight w_t and form (module docstring) -> [N, T]."""
+        mask = mask.bool()
+        w_tok = correct_weight(torch.exp(log_w), mode, cap)
+        w_seq = correct_weight(torch.exp(sequence_log_mean(log_w, mask)), mode, cap)[:, None].expand_as(log_w)
+        mix = self.mix_weight(log_w, mask, entropy)
+        if self.cfg.mixing_form == "geometric":  # pow: 0^0 = 1, so a masked branch at weight 0 drops out
+            out = torch.pow(w_tok, mix) * torch.pow(w_seq, 1.0 - mix)
+        else:
+            out = mix * w_tok + (1.0 - mix) * w_seq
+        return torch.where(mask, out, torch.zeros_like(out))

@@ -6,6 +6,10 @@ and clipped per sequence (ranges ~1e-4, since s_i is a geometric mean of token r
 Token form used for gradients: s[i,t] = sg(s_i) * exp(lp[i,t] - sg(lp[i,t])), whose value is
 s_i and whose gradient w.r.t. lp[i,t] is s_i; with seq-mean-token-mean this is exactly the
 gradient of the sequence objective.
+
+Off-policy correction (``behavior_weights``) is at the same level: the sequence weight
+w_i = exp(mean_t (prox - behav)), the geometric mean of the token weights, truncated or masked
+as a whole and applied to every token of y_i.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .common import clip_metrics, clipped_pg, masked_mean, masked_sum
+from .common import (
+    broadcast_to_tokens, clip_metrics, clipped_pg, correct_weight, masked_mean, masked_sum,
+    sequence_log_mean,
+)
 from .grpo import GRPO, GRPOConfig
 from .registry import register_objective
 
@@ -58,3 +65,11 @@ class GSPO(GRPO):
         metrics = clip_metrics(flags, mask)
         metrics["ratio/mean"] = masked_mean(s, mask)
         return pg, metrics
+
+    def behavior_weights(self, log_w: Tensor, mask: Tensor, mode: str, cap: float,
+                         entropy: Optional[Tensor] = None) -> Tensor:
+        """Sequence level: w_i = exp(mean over y_i's valid tokens of log_w) [N] (the geometric
+        mean of the token weights, as s_i is of the token ratios), truncated / masked per
+        sequence, on every valid token of y_i -> [N, T] (0 where ``mask`` is false)."""
+        w_seq = correct_weight(torch.exp(sequence_log_mean(log_w, mask)), mode, cap)
+        return broadcast_to_tokens(w_seq, mask)
