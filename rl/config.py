@@ -235,9 +235,25 @@ class LearnerConfig:
     AdamW state, gradients all-reduced; fastest when it fits) | fsdp (torch FSDP2: weights,
     gradients and AdamW state sharded across the ranks, layers gathered as they run; layout
     padded or packed, no LoRA)."""
+    ppo_epochs: int = 1
+    """Passes over each step's batch; every pass takes one optimizer step per mini-batch, in the
+    same mini-batch order each epoch. > 1 reuses the batch (PPO): the proximal log-probs are then
+    computed once per step, before the first update, and the clip keeps later passes near them."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch: the step's prompt groups are split (whole groups, by the
+    driver) into this many mini-batches, each normalized by its own token and sequence counts;
+    at most data.prompts_per_step. A step takes ppo_epochs * mini_batches optimizer steps."""
+    behavior_correction: BehaviorCorrectionConfig = field(default_factory=BehaviorCorrectionConfig)
+    """Off-policy correction between the rollout engine's and the learner's policy (mode, cap)."""
 
     def __post_init__(self):
         _choice("learner.strategy", self.strategy, ("replicate", "fsdp"))
+        if isinstance(self.ppo_epochs, bool) or self.ppo_epochs < 1:
+            raise ConfigError(f"learner.ppo_epochs = {self.ppo_epochs} must be an integer >= 1: the passes over "
+                              "each step's batch (1 = one pass, the usual GRPO update).")
+        if isinstance(self.mini_batches, bool) or self.mini_batches < 1:
+            raise ConfigError(f"learner.mini_batches = {self.mini_batches} must be an integer >= 1: the "
+                              "optimizer steps per epoch (1 = one step on the whole batch).")
         if self.strategy == "fsdp" and self.layout == "shared_prompt":
             raise ConfigError("learner.layout = 'shared_prompt' does not run under learner.strategy = 'fsdp' "
                               "(its two passes per chunk would need matching collectives on every rank); "
@@ -320,6 +336,11 @@ class Config:
 
     def __post_init__(self):
         # Checks that span two sections; each section checks its own fields.
+        if self.learner.mini_batches > self.data.prompts_per_step:
+            raise ConfigError(f"learner.mini_batches = {self.learner.mini_batches} is larger than "
+                              f"data.prompts_per_step = {self.data.prompts_per_step}: a mini-batch holds whole "
+                              "prompt groups, so a step has at most data.prompts_per_step of them; lower "
+                              "learner.mini_batches or raise data.prompts_per_step.")
         if self.learner.strategy == "fsdp" and self.model.lora.rank > 0:
             raise ConfigError(f"learner.strategy = 'fsdp' with model.lora.rank = {self.model.lora.rank}: LoRA "
                               "adapters are small enough to replicate; use learner.strategy: replicate with LoRA.")
