@@ -50,12 +50,18 @@ def weight_sync_method(config: Config) -> str:
     return method
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"control": 1})
 class RolloutActor(RolloutWorker):
-    """A RolloutWorker in its own process."""
+    """A RolloutWorker in its own process. Its calls run one at a time in the order they were
+    submitted (the default group has one thread), except `interrupt`, which runs on its own
+    thread so that it can reach a rollout in flight."""
 
     def ready(self) -> bool:
         return True
+
+    @ray.method(concurrency_group="control")
+    def interrupt(self) -> None:
+        RolloutWorker.interrupt(self)
 
 
 @ray.remote
@@ -80,6 +86,7 @@ class RolloutGroup:
 
     def __init__(self, config: Config, model_path: str, seed: int, logits_processors=None):
         r = config.rollout
+        self.partial = r.partial
         opts = _actor_options(config)
         max_model_len = config.data.max_prompt_tokens + r.max_new_tokens
         env = dict(ACTOR_ENV)
@@ -101,9 +108,22 @@ class RolloutGroup:
     def submit(self, requests: list[SampleRequest], **sampling) -> list:
         """Start sampling `requests` (split among the workers by whole groups); returns at once.
         Each worker runs its calls in the order they were submitted, so a generation submitted
-        after a weight load samples with the loaded weights."""
+        after a weight load samples with the loaded weights. With rollout.partial the rollout
+        can be interrupted by a weight update (`interrupt`)."""
         shards = [requests[i::len(self.workers)] for i in range(len(self.workers))]
-        return [w.generate.remote(shard, **sampling) for w, shard in zip(self.workers, shards) if shard]
+        return [w.generate.remote(shard, interruptible=self.partial, **sampling)
+                for w, shard in zip(self.workers, shards) if shard]
+
+    def submit_resume(self, partials: list, **sampling) -> list:
+        """Continue interrupted samples from their prefixes (a group's samples on one worker)."""
+        n = len(self.workers)
+        shards = [[p for p in partials if p.group_id % n == i] for i in range(n)]
+        return [w.resume.remote(shard, interruptible=self.partial, **sampling)
+                for w, shard in zip(self.workers, shards) if shard]
+
+    def interrupt(self) -> None:
+        """Stop the rollouts in flight at their next engine step (rollout.partial)."""
+        ray.get([w.interrupt.remote() for w in self.workers])
 
     def wait(self, handle: list) -> list[RolloutResult]:
         return ray.get(handle)

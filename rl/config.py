@@ -125,6 +125,11 @@ class RolloutConfig:
     """How new weights reach the engines every step: object_store (one flat buffer through Ray's shared-memory object store; the CPU path), broadcast (bucketed collective broadcast from learner rank 0 through vLLM's weight-transfer API: NCCL on GPU, gloo on CPU), auto (broadcast when every rollout and learner actor gets a GPU of its own, else object_store: NCCL cannot join two actors sharing one GPU)."""
     weight_bucket_mb: float = 256.0
     """broadcast: MiB per bucket (two buckets in flight on the sender, one being loaded per engine)."""
+    partial: bool = False
+    """Partial rollouts (with trainer.max_staleness >= 1): a weight update does not wait for the
+    longest sequences of the rollouts in flight; they are aborted at the next engine step and
+    resumed from their prefixes under the new weights (each token records its weights version).
+    No effect in the synchronous loop, where no rollout is in flight at a sync."""
 
     def __post_init__(self):
         _choice("rollout.weight_sync", self.weight_sync, ("auto", "object_store", "broadcast"))

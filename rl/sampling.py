@@ -64,15 +64,19 @@ class StepSampler:
         rollout_rows, reward_rows, raw, failures = [], [], [], []
         t_generate = t_reward = t_wait = 0.0
         num_prompts = 0
+        interrupted = 0  # samples a weight update interrupted (partial rollouts), resumed
         pending = first
         for gen_batch in range(1, obj.max_gen_batches + 1):
             if pending is None:
                 pending = self.submit(extra_args)
             t0 = time.perf_counter()
             results = self.rollout.wait(pending.handle)
+            resumed = self.resume_interrupted(results, extra_args)
+            interrupted += sum(len(res.samples) for res in resumed)
+            results += resumed
             t_wait += time.perf_counter() - t0
             samples = sorted((s for res in results for s in res.samples), key=lambda s: (s.group_id, s.sample_index))
-            stats = _rollout_stats([res.stats for res in results])
+            stats = _rollout_stats([res.stats for res in results if res.stats is not None])
             t_generate += stats["rollout/seconds"]
             prompts, pending = pending.prompts, None
 
@@ -100,7 +104,8 @@ class StepSampler:
         used = kept[:want] if kept else drawn[-want:]
         metrics = {**rollout_metrics([s for g in drawn for s in g.samples], merge_batches(rollout_rows)),
                    **merge_batches(reward_rows), **reward_summary([r for r, _ in raw], [v for _, v in raw]),
-                   "time/generate": t_generate, "time/reward": t_reward, "time/wait_rollout": t_wait}
+                   "time/generate": t_generate, "time/reward": t_reward, "time/wait_rollout": t_wait,
+                   "rollout/resumed_samples": float(interrupted)}
         if obj.shapes_rewards:
             metrics["reward/shaped_mean"] = statistics.fmean([r for g in used for r in g.valid_rewards()] or [0.0])
         if obj.uses_dynamic_sampling:
@@ -111,6 +116,19 @@ class StepSampler:
         if obj.rollout_logits_processor:
             metrics.update(self.rollout.logits_processor_metrics())
         return ScoredBatch(used, metrics, failures)
+
+    def resume_interrupted(self, results: list, extra_args: dict | None) -> list:
+        """Partial rollouts: continue the samples a weight update interrupted, from their
+        prefixes under the newer weights, until every one has finished."""
+        r = self.config.rollout
+        more = []
+        unfinished = [p for res in results for p in res.unfinished]
+        while unfinished:
+            resumed = self.rollout.wait(self.rollout.submit_resume(unfinished, temperature=r.temperature,
+                                                                   top_p=r.top_p, extra_args=extra_args))
+            more += resumed
+            unfinished = [p for res in resumed for p in res.unfinished]
+        return more
 
     def keep_group(self, group: ScoredGroup) -> bool:
         """The objective's group filter (DAPO dynamic sampling) on one group's valid samples."""

@@ -121,8 +121,11 @@ class Trainer:
 
         bar.set_description_str(f"step {step}: train")
         t0 = time.perf_counter()
+        # reward failures (and empty responses) may drop whole groups: split what is left
+        groups_left = sum(any(v and s.response_ids for s, v in zip(g.samples, g.valid)) for g in batch.groups)
         shards, adv_metrics = make_train_shards(self.objective, batch, len(self.learners.workers),
-                                                self.max_response_len)
+                                                self.max_response_len,
+                                                mini_batches=max(1, min(c.learner.mini_batches, groups_left)))
         update = self.learners.submit_update(shards)
         self.submit_ahead(step)  # later steps' rollouts run while the learner trains
         train_metrics, batch_stats = self.learners.wait(update)
@@ -174,6 +177,8 @@ class Trainer:
         """
         t0 = time.perf_counter()
         in_flight = bool(self.ahead)
+        if in_flight and self.config.rollout.partial:
+            self.rollout.interrupt()  # the loads need not wait for the longest sequences
         metrics = self.weight_sync.transfer(version, wait=not in_flight)
         self.submit_check(version)
         if not in_flight:

@@ -10,7 +10,7 @@ VLLM_ENABLE_V1_MULTIPROCESSING=0. Both are plain code: the worker and the benchm
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rollout.records import RolloutStats
 from scheduling import SchedulingPolicy, Seq, lower_bound_steps
@@ -80,6 +80,7 @@ def run_rollout(
     slots: int,
     probe: EngineProbe | None = None,
     record_timeline: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, Any], RolloutStats]:
     """Generate every `seqs` (seq_id = vLLM request id) and return ({seq_id: CompletionOutput},
     stats). The policy is asked at the start and after every step in which a sequence finished:
@@ -90,6 +91,11 @@ def run_rollout(
     engine_peak_waiting, lower_bound (decode steps, from the lengths produced and `slots`),
     kv_budget_tokens, slots, policy; with record_timeline, timeline = [[step, own KV tokens,
     engine KV tokens, admitted sequences], ...] after every step.
+
+    should_stop: checked after every engine step; once it returns True the sequences still
+    running are aborted and the rollout returns early (partial rollouts: a weight update
+    does not wait for the longest sequences). stats.extra["unfinished"] then maps every
+    sequence that did not finish to its partial CompletionOutput (None if never admitted).
     """
     stats = RolloutStats()
     start = time.perf_counter()
@@ -104,7 +110,15 @@ def run_rollout(
     engine_peak_kv = engine_peak_run = engine_peak_wait = 0
     timeline: list[list[int]] = []
     ask = True
+    latest: dict[str, Any] = {}  # the newest (cumulative) output of each running sequence
     while pending or running:
+        if should_stop is not None and running and should_stop():
+            engine.abort_request(list(running))
+            while engine.has_unfinished_requests():  # let the engine drop the aborted requests
+                engine.step()
+            stats.extra["unfinished"] = {**{sid: latest.get(sid) for sid in running},
+                                         **{s.seq_id: None for s in pending}}
+            break
         if ask and pending:
             t0 = time.perf_counter()
             admit = policy.plan(pending, list(running.values()), kv_budget_tokens, slots)
@@ -129,6 +143,7 @@ def run_rollout(
             if seq is None:
                 continue
             completion = out.outputs[0]
+            latest[out.request_id] = completion
             # exact counts from the engine: requests still queued inside vLLM have none yet
             seq.generated = min(len(completion.token_ids), seq.max_new_tokens)
             if out.finished:

@@ -33,7 +33,11 @@ class Sample:
     """`stop` (EOS or stop string) or `length` (hit max_new_tokens)."""
     policy_version: int = 0
     """Weights version that produced the tokens: the number of weight syncs the engine had
-    loaded (0 = the initial weights). The learner is at version `step - 1` when it trains."""
+    loaded (0 = the initial weights); with partial rollouts the OLDEST version among its tokens.
+    The learner is at version `step - 1` when it trains."""
+    token_versions: list[int] | None = None
+    """Partial rollouts: the weights version of each response token (a sequence interrupted by
+    a weight update resumes from its prefix under the new weights); None: all policy_version."""
 
 
 @dataclass
@@ -55,6 +59,23 @@ class RolloutStats:
 
 
 @dataclass
+class PartialSample:
+    """A sample interrupted by a weight update (rollout.partial): its prefix so far."""
+
+    group_id: int
+    sample_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    """Tokens generated before the interruption (possibly none)."""
+    logprobs: list[float]
+    token_versions: list[int]
+    max_new_tokens: int
+    """The sample's whole budget; the continuation gets what is left of it."""
+
+
+@dataclass
 class RolloutResult:
     samples: list[Sample]
     stats: RolloutStats
+    unfinished: list[PartialSample] = field(default_factory=list)
+    """Partial rollouts: samples interrupted by a weight update, to be resumed."""

@@ -13,10 +13,11 @@ wraps it as a Ray actor.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
-from rollout.records import RolloutResult, Sample, SampleRequest
+from rollout.records import PartialSample, RolloutResult, Sample, SampleRequest
 
 
 def _configure_vllm_env(num_threads: int | None) -> None:
@@ -50,6 +51,22 @@ def _cpu_kv_cache_bytes(memory_fraction: float) -> int:
     held = psutil.Process().memory_info().rss
     wanted = int(memory_fraction * memory.total) - held
     return max(min(wanted, memory.available // 2), 64 * 2**20)
+
+
+def _sampled_logprobs(completion, token_ids: list[int]) -> list[float]:
+    return [step[tok].logprob for step, tok in zip(completion.logprobs, token_ids)]
+
+
+def _add_stats(a, b):
+    """Two consecutive rollouts' stats as one (times and counts add, peaks take the max)."""
+    a.seconds += b.seconds
+    a.generated_tokens += b.generated_tokens
+    a.decode_steps += b.decode_steps
+    a.preemptions += b.preemptions
+    a.scheduler_seconds += b.scheduler_seconds
+    a.peak_running = max(a.peak_running, b.peak_running)
+    a.peak_kv_tokens = max(a.peak_kv_tokens, b.peak_kv_tokens)
+    return a
 
 
 class RolloutWorker:
@@ -127,6 +144,9 @@ class RolloutWorker:
         self.record_timeline = False  # benchmarks: per-step KV in stats.extra["timeline"]
         self._request_counter = 0
         self.policy_version = 0  # weight syncs loaded so far; stamped on every sample
+        # Set by `interrupt` (another thread of the actor): the rollout in flight stops early so
+        # that a weight update need not wait for its longest sequences; a load clears it.
+        self._interrupt = threading.Event()
         self.set_policy(policy, policy_kwargs, kv_budget_tokens, slots)
 
     def set_policy(self, policy: str, policy_kwargs: dict | None = None,
@@ -148,11 +168,12 @@ class RolloutWorker:
 
     def generate(self, requests: list[SampleRequest], group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0,
-                 extra_args: dict | None = None) -> RolloutResult:
+                 extra_args: dict | None = None, interruptible: bool = False) -> RolloutResult:
         """Sample `group_size` responses for every request.
 
         Every one of the len(requests) x group_size samples comes back exactly once, in
-        (request, sample_index) order, whatever order the policy admitted them in.
+        (request, sample_index) order, whatever order the policy admitted them in: in `samples`,
+        or, when `interruptible` and `interrupt()` stopped the rollout, in `unfinished`.
         """
         from vllm import SamplingParams
 
@@ -175,16 +196,79 @@ class RolloutWorker:
 
         finished, stats = run_rollout(
             self.engine, self.policy, seqs, {rid: p[2] for rid, p in prompts.items()}, params,
-            self.kv_budget_tokens, self.slots, self.probe, self.record_timeline)
+            self.kv_budget_tokens, self.slots, self.probe, self.record_timeline,
+            should_stop=self._interrupt.is_set if interruptible else None)
 
-        samples = []
+        samples, unfinished = [], []
+        partial = stats.extra.pop("unfinished", {})
         for rid, (group_id, k, prompt_ids) in prompts.items():
+            if rid in partial:
+                c = partial[rid]
+                token_ids = list(c.token_ids) if c is not None else []
+                logprobs = _sampled_logprobs(c, token_ids) if c is not None else []
+                unfinished.append(PartialSample(group_id, k, list(prompt_ids), token_ids, logprobs,
+                                                [self.policy_version] * len(token_ids), max_new_tokens))
+                continue
             c = finished[rid]
             token_ids = list(c.token_ids)
-            logprobs = [step[tok].logprob for step, tok in zip(c.logprobs, token_ids)]
-            samples.append(Sample(group_id, k, list(prompt_ids), token_ids, c.text, logprobs,
+            samples.append(Sample(group_id, k, list(prompt_ids), token_ids, c.text, _sampled_logprobs(c, token_ids),
                                   c.finish_reason or "stop", self.policy_version))
-        return RolloutResult(samples, stats)
+        return RolloutResult(samples, stats, unfinished)
+
+    def resume(self, partials: list[PartialSample], temperature: float = 1.0, top_p: float = 1.0,
+               extra_args: dict | None = None, interruptible: bool = False) -> RolloutResult:
+        """Continue interrupted samples from their prefixes under the current weights (vLLM
+        recomputes the prefix's KV). Each comes back whole: response = prefix + continuation,
+        with the weights version of every token; one interrupted again comes back unfinished."""
+        from vllm import SamplingParams
+
+        from rollout.executor import run_rollout
+        from scheduling import Seq
+
+        seqs, prompts, by_rid = [], {}, {}
+        for p in partials:
+            rid = f"r{self._request_counter}"
+            self._request_counter += 1
+            full_prompt = list(p.prompt_ids) + list(p.response_ids)
+            left = p.max_new_tokens - len(p.response_ids)
+            seqs.append(Seq(rid, p.group_id, len(full_prompt), left, prompt_ids=tuple(p.prompt_ids)))
+            prompts[rid] = full_prompt
+            by_rid[rid] = (p, SamplingParams(temperature=temperature, top_p=top_p, max_tokens=left, logprobs=0,
+                                             extra_args=extra_args or None))
+        # One SamplingParams per request would need the executor to take them per sequence; the
+        # continuations of one call share everything but max_tokens, so group them by it.
+        samples, unfinished = [], []
+        stats_all = None
+        for left in sorted({params.max_tokens for _, params in by_rid.values()}):
+            group = [s for s in seqs if by_rid[s.seq_id][1].max_tokens == left]
+            params = by_rid[group[0].seq_id][1]
+            finished, stats = run_rollout(
+                self.engine, self.policy, group, {s.seq_id: prompts[s.seq_id] for s in group}, params,
+                self.kv_budget_tokens, self.slots, self.probe, False,
+                should_stop=self._interrupt.is_set if interruptible else None)
+            stats_all = stats if stats_all is None else _add_stats(stats_all, stats)
+            partial = stats.extra.pop("unfinished", {})
+            for s in group:
+                p = by_rid[s.seq_id][0]
+                c = finished.get(s.seq_id) or partial.get(s.seq_id)
+                new_ids = list(c.token_ids) if c is not None else []
+                token_ids = p.response_ids + new_ids
+                logprobs = p.logprobs + (_sampled_logprobs(c, new_ids) if c is not None else [])
+                versions = p.token_versions + [self.policy_version] * len(new_ids)
+                if s.seq_id in partial:
+                    unfinished.append(PartialSample(p.group_id, p.sample_index, p.prompt_ids, token_ids, logprobs,
+                                                    versions, p.max_new_tokens))
+                    continue
+                samples.append(Sample(p.group_id, p.sample_index, list(p.prompt_ids), token_ids,
+                                      self.tokenizer.decode(token_ids, skip_special_tokens=True), logprobs,
+                                      c.finish_reason or "stop", min(versions) if versions else self.policy_version,
+                                      versions))
+        return RolloutResult(samples, stats_all, unfinished)
+
+    def interrupt(self) -> None:
+        """Stop the rollout in flight at its next engine step (its unfinished samples come back
+        as PartialSample); called from the actor's control thread while `generate` runs."""
+        self._interrupt.set()
 
     # --- weights ----------------------------------------------------------------------
 
@@ -195,6 +279,7 @@ class RolloutWorker:
         from rollout.weights import as_named_tensors, load_weights_into_worker
 
         start = time.perf_counter()
+        self._interrupt.clear()  # the update the interrupt made way for is here
         named_tensors = as_named_tensors(weights)
         self.engine.collective_rpc(load_weights_into_worker, args=(named_tensors,))
         # Cached prefixes were computed with the old weights.
@@ -218,6 +303,7 @@ class RolloutWorker:
         from rollout.weights import repack_tied_lm_head
 
         start = time.perf_counter()
+        self._interrupt.clear()  # the update the interrupt made way for is here
         update = dict(names=[m.name for m in metas], dtype_names=[m.dtype for m in metas],
                       shapes=[list(m.shape) for m in metas])
         self.engine.collective_rpc("start_weight_update")

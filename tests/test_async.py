@@ -42,3 +42,16 @@ def test_staleness_is_bounded_and_reached(tmp_path, tiny_model_dir, k, expected)
     assert rows[-1]["sync/checked_version"] == 4
     assert any(r["sync/deferred"] == 1.0 for r in rows)  # loads queued behind rollouts in flight
     assert all(r["grad_norm"] > 0 for r in rows)
+
+
+def test_partial_rollouts_keep_the_bound(tmp_path, tiny_model_dir):
+    # Long responses (the random tiny model rarely stops) so that rollouts are in flight when a
+    # sync comes; interrupted samples resume under the new weights and count by their oldest token.
+    rows = _run(tmp_path, tiny_model_dir, "trainer.max_staleness=1", "rollout.partial=true",
+                "rollout.max_new_tokens=48")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["staleness/max"] <= 1 for r in rows)
+    assert all(r["response_length/max"] <= 48 for r in rows)
+    assert rows[-1]["sync/checked_version"] == 4
+    assert all(r["sync/max_logprob_diff"] < 1e-3 for r in rows if "sync/max_logprob_diff" in r)
+    assert all("rollout/resumed_samples" in r for r in rows)

@@ -88,11 +88,21 @@ def test_mini_batches_larger_than_batch_is_a_clear_error():
         make_train_shards(get_objective("grpo"), batch, 1, 16, mini_batches=3)
 
 
-def test_learner_refuses_a_batch_split_differently(tiny_model_dir, make_learner):
-    learner = make_learner(tiny_model_dir, "model.dtype=float32", "learner.mini_batches=2")
-    shards, _ = make_train_shards(learner.objective, _scored_batch(2, 2), 1, 16)  # one mini-batch
-    with pytest.raises(ValueError, match="1 mini-batch.*learner.mini_batches = 2"):
+def test_learner_refuses_more_mini_batches_than_configured(tiny_model_dir, make_learner):
+    learner = make_learner(tiny_model_dir, "model.dtype=float32", "learner.mini_batches=1")
+    shards, _ = make_train_shards(learner.objective, _scored_batch(2, 2), 1, 16, mini_batches=2)
+    with pytest.raises(ValueError, match="2 mini-batch.*learner.mini_batches = 1"):
         learner.update(shards[0])
+
+
+def test_learner_takes_fewer_mini_batches_when_groups_were_dropped(tiny_model_dir, make_learner):
+    # learner.mini_batches = 2, but only one group is left this step: the driver splits it into
+    # one mini-batch, and the learner takes one optimizer step per epoch instead of failing.
+    learner = make_learner(tiny_model_dir, "model.dtype=float32", "learner.mini_batches=2",
+                           "learner.behavior_correction.mode=none")
+    shards, _ = make_train_shards(learner.objective, _scored_batch(1, 2), 1, 16, mini_batches=1)
+    metrics, _ = learner.update(shards[0])
+    assert metrics["actor/optimizer_steps"] == 1
 
 
 # --- the learner: real PolicyUpdate on the tiny model --------------------------------------

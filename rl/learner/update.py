@@ -97,7 +97,9 @@ class PolicyUpdate:
         cfg = self.config
         groups = batch.mini_batch_indices()
         norms = [LossNorm(*n) for n in batch.mini_batch_loss_norms()]
-        if len(groups) != cfg.mini_batches:
+        # Fewer mini-batches than configured happens when reward failures dropped groups and
+        # fewer groups than learner.mini_batches are left (the driver splits what there is).
+        if not 1 <= len(groups) <= cfg.mini_batches:
             raise ValueError(f"the TrainBatch is split into {len(groups)} mini-batch(es) but learner.mini_batches = "
                              f"{cfg.mini_batches}: build the shards with rl.batches.make_train_shards(..., "
                              "mini_batches=config.learner.mini_batches)")
