@@ -82,7 +82,7 @@ def main() -> None:
     if args.cpu_smoke:
         args.model, args.steps, args.groups, args.group_size, args.prompt_len, args.response_len = "tiny", 1, 2, 2, 8, 8
 
-    from rl.config import LearnerConfig, LoraConfig, ModelConfig, ObjectiveConfig
+    from rl.config import BehaviorCorrectionConfig, LearnerConfig, LoraConfig, ModelConfig, ObjectiveConfig
     from rl.learner import Learner
 
     assert CUDA or args.cpu_smoke, "this check needs a CUDA GPU (or --cpu-smoke)"
@@ -94,7 +94,9 @@ def main() -> None:
     for layout, lora_rank in cases:
         model = ModelConfig(path=str(path), dtype="bfloat16",
                             lora=LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank if lora_rank else 32.0))
-        learner_cfg = LearnerConfig(layout=layout, micro_batch_tokens=16384, lr=1e-6)
+        # the batch's behavior log-probs are placeholders: no off-policy correction
+        learner_cfg = LearnerConfig(layout=layout, micro_batch_tokens=16384, lr=1e-6,
+                                    behavior_correction=BehaviorCorrectionConfig(mode="none"))
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
         learner = Learner(model, learner_cfg, ObjectiveConfig(name="grpo"), num_threads=8)
