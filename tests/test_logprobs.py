@@ -114,37 +114,36 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("objective", ["grpo", "gspo"])
-def test_learner_packed_gradient_equals_unpacked(tiny_model_dir, objective):
-    from rl.learner import Learner, LearnerSettings
+def test_learner_packed_gradient_equals_unpacked(tiny_model_dir, make_learner, objective):
     from rl.objectives.common import LossNorm
 
     # A budget of 40 tokens forces several packed rows (and several padded micro-batches).
-    settings = LearnerSettings(model_path=tiny_model_dir, dtype="float32", micro_batch_tokens=40,
-                               objective=objective, layout="packed")
-    learner = Learner(settings, num_threads=1)
-    batch = _train_batch(learner.model.config.vocab_size, 8, seed=5)
-    learner.optimizer.zero_grad(set_to_none=True)
-    stats = learner.accumulate_gradients(batch)
+    learner = make_learner(tiny_model_dir, "model.dtype=float32", "learner.micro_batch_tokens=40",
+                           f"objective.name={objective}", "learner.layout=packed")
+    update, model = learner.updater, learner.policy.net
+    batch = _train_batch(model.config.vocab_size, 8, seed=5)
+    update.optimizer.zero_grad(set_to_none=True)
+    stats = update.accumulate_gradients(batch)
     assert stats["micro_batches"] > 1
     assert stats["processed_tokens"] == stats["tokens"]  # no padding
-    packed = _grads(learner.model)
+    packed = _grads(model)
 
     # Reference: every sequence on its own (no padding, no packing), one loss over the batch.
-    learner.optimizer.zero_grad(set_to_none=True)
-    learner.model.train()
-    logp, _ = _reference(learner.model, batch.prompt_ids, batch.response_ids)
+    update.optimizer.zero_grad(set_to_none=True)
+    model.train()
+    logp, _ = _reference(model, batch.prompt_ids, batch.response_ids)
     T = logp.shape[1]
     mask = right_align([[1.0] * len(r) for r in batch.response_ids], T).bool()
     adv = right_align(batch.advantages, T)
     norm = LossNorm(batch.num_tokens, batch.num_seqs, batch.max_len)
     loss, _ = learner.objective.loss(logp, logp.detach(), adv, mask, norm=norm)
     loss.backward()
-    reference = _grads(learner.model)
+    reference = _grads(model)
 
-    learner.s.layout = "padded"
-    learner.optimizer.zero_grad(set_to_none=True)
-    learner.accumulate_gradients(batch)
-    padded = _grads(learner.model)
+    update.micro_batches.layout = "padded"
+    update.optimizer.zero_grad(set_to_none=True)
+    update.accumulate_gradients(batch)
+    padded = _grads(model)
 
     assert packed.keys() == reference.keys()
     for name in reference:
@@ -238,28 +237,28 @@ def test_shared_prompt_one_backward_through_pass_1_equals_per_sequence_gradient(
 
 
 @pytest.mark.parametrize("objective", ["grpo", "gspo"])
-def test_learner_shared_prompt_gradient_equals_padded(tiny_model_dir, objective):
-    from rl.learner import Learner, LearnerSettings, TrainBatch
+def test_learner_shared_prompt_gradient_equals_padded(tiny_model_dir, make_learner, objective):
+    from rl.learner import TrainBatch
 
     # prompts of 20-30 tokens, responses of <= 20: a group costs <= 30 + 4 * 20 = 110 tokens,
     # so a budget of 150 holds one group per micro-batch
-    settings = LearnerSettings(model_path=tiny_model_dir, dtype="float32", micro_batch_tokens=150,
-                               objective=objective, layout="shared_prompt")
-    learner = Learner(settings, num_threads=1)
-    prompts, responses = _grouped_batch(learner.model.config.vocab_size, 4, 4, seed=7, prompt_len=(20, 30))
+    learner = make_learner(tiny_model_dir, "model.dtype=float32", "learner.micro_batch_tokens=150",
+                           f"objective.name={objective}", "learner.layout=shared_prompt")
+    update, model = learner.updater, learner.policy.net
+    prompts, responses = _grouped_batch(model.config.vocab_size, 4, 4, seed=7, prompt_len=(20, 30))
     gen = torch.Generator().manual_seed(7)
     adv = [torch.randn(len(r), generator=gen).tolist() for r in responses]
     roll = [(-torch.rand(len(r), generator=gen)).tolist() for r in responses]
     batch = TrainBatch(prompts, responses, adv, roll, float(sum(map(len, responses))),
                        float(sum(bool(r) for r in responses)), float(max(map(len, responses))))
-    learner.optimizer.zero_grad(set_to_none=True)
-    shared_stats = learner.accumulate_gradients(batch)
-    shared = _grads(learner.model)
+    update.optimizer.zero_grad(set_to_none=True)
+    shared_stats = update.accumulate_gradients(batch)
+    shared = _grads(model)
     assert shared_stats["micro_batches"] > 1
-    learner.s.layout = "padded"
-    learner.optimizer.zero_grad(set_to_none=True)
-    padded_stats = learner.accumulate_gradients(batch)
-    padded = _grads(learner.model)
+    update.micro_batches.layout = "padded"
+    update.optimizer.zero_grad(set_to_none=True)
+    padded_stats = update.accumulate_gradients(batch)
+    padded = _grads(model)
     assert shared_stats["processed_tokens"] < padded_stats["processed_tokens"]
     assert shared.keys() == padded.keys()
     for name in padded:
@@ -267,11 +266,14 @@ def test_learner_shared_prompt_gradient_equals_padded(tiny_model_dir, objective)
     assert shared_stats["loss"] == pytest.approx(padded_stats["loss"], abs=1e-5)
 
 
-def test_shared_prompt_refuses_gradient_checkpointing(tiny_model_dir):
-    from rl.learner import LearnerSettings
+def test_shared_prompt_refuses_gradient_checkpointing():
+    from rl.config import load_config
+    from rl.errors import ConfigError
 
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        LearnerSettings(model_path=tiny_model_dir, layout="shared_prompt", gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        load_config(None, ["learner.layout=shared_prompt", "learner.gradient_checkpointing=true"])
+    auto = load_config(None, ["learner.gradient_checkpointing=true"]).learner
+    assert auto.resolved_layout == "padded"  # auto picks a layout that works without the KV cache
 
 
 def test_shared_prompt_full_logits_fallback_equals_head_on_real_positions(tiny_model, monkeypatch):
