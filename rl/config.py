@@ -224,7 +224,8 @@ class LearnerConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     layout: str = "auto"
-    """Micro-batch layout: auto (shared_prompt; padded when gradient_checkpointing is on) |
+    """Micro-batch layout: auto (shared_prompt on CPU; padded on GPU, under gradient_checkpointing
+    and under fsdp) |
     shared_prompt (each distinct prompt runs once per update and its KV cache serves its
     group's samples, whose responses run in padded micro-batches; needs the KV cache, so not
     with gradient checkpointing) | padded (length-sorted rectangles, DP-grouped) | packed (one
@@ -282,7 +283,11 @@ class LearnerConfig:
         collectives on every rank)."""
         if self.layout != "auto":
             return self.layout
-        return "padded" if self.gradient_checkpointing or self.strategy == "fsdp" else "shared_prompt"
+        if self.gradient_checkpointing or self.strategy == "fsdp" or _cuda_available():
+            # On a GPU the shared prompt pass saves tokens but not time (measured on an H200:
+            # docs/BENCHMARKS.md), and padded micro-batches run at a higher rate.
+            return "padded"
+        return "shared_prompt"
 
 
 @dataclass
@@ -349,6 +354,12 @@ class Config:
         if self.learner.strategy == "fsdp" and self.model.lora.rank > 0:
             raise ConfigError(f"learner.strategy = 'fsdp' with model.lora.rank = {self.model.lora.rank}: LoRA "
                               "adapters are small enough to replicate; use learner.strategy: replicate with LoRA.")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _positive(name: str, value: int) -> None:

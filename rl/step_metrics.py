@@ -51,4 +51,6 @@ def summary_line(step: int, m: dict) -> str:
             f"| loss {m['loss']:+.4f} | entropy {m.get('entropy', float('nan')):.3f} | grad {m['grad_norm']:.3f} "
             f"| sync Δ {m.get('sync/max_logprob_diff', float('nan')):.2e} | gen {m['time/generate']:.1f}s train {m['time/train']:.1f}s "
             f"sync {m['time/sync']:.1f}s step {m['time/step']:.1f}s"
+            + (f" | MFU learner {m['perf/learner_mfu']:.1%} rollout {m['perf/rollout_mfu']:.1%}"
+               if "perf/learner_mfu" in m and "perf/rollout_mfu" in m else "")
             + (f" | stale {m['staleness/max']:.0f}" if m.get("staleness/max") else ""))

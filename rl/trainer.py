@@ -68,6 +68,12 @@ class Trainer:
                                       error_value=r.error_value, num_workers=r.workers)
         self.canary_ids = prepared.tokenizer(c.trainer.canary_prompt)["input_ids"]
         self.canary_tokens: list[int] | None = None  # sampled at the first check (verify_sync)
+        from transformers import AutoConfig
+
+        self.hf_config = AutoConfig.from_pretrained(prepared.model_path)  # for FLOP counts (rl/perf.py)
+        # The engines' devices together: one per rollout worker on GPUs, the one shared CPU otherwise.
+        gpus = ray.cluster_resources().get("GPU", 0)
+        self.rollout_peak = self.learners.rank0_result("peak_tflops") * (c.rollout.workers if gpus else 1)
         self.sampler = StepSampler(c, self.objective, prepared.prompts, self.rollout, self.rewards,
                                    self.max_response_len)
         self.staleness = StalenessControl(c.trainer)
@@ -138,6 +144,9 @@ class Trainer:
 
         metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics,
                    **staleness_metrics(batch.samples, learner_version=step - 1),
+                   **perf.rollout_metrics(self.hf_config, [len(x.prompt_ids) for x in batch.samples],
+                                          [len(x.response_ids) for x in batch.samples],
+                                          batch.metrics["time/generate"], self.rollout_peak),
                    "time/train": t_train, "time/step": time.perf_counter() - t_step}
         self.staleness.observe(metrics)
         metrics["staleness/k"] = float(self.staleness.k)

@@ -34,7 +34,7 @@ CUDA = torch.cuda.is_available()
 
 def _sync() -> None:
     if CUDA:
-        _sync()
+        torch.cuda.synchronize()
 
 
 def build_model_dir(arch: str, out: Path) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rl import perf
 from rl.config import LearnerConfig, ModelConfig, ObjectiveConfig
 from rl.learner import checkpoint
 from rl.learner.batch import TrainBatch
@@ -54,6 +55,7 @@ class Learner:
         self.policy = PolicyModel(model, learner, self.objective.needs_ref, init_weights_path)
         self.updater = PolicyUpdate(self.policy, learner, self.objective, temperature, self.group)
         self.weights = WeightExport(self.policy, rank)
+        self._peak: float | None = None
         if world_size > 1 and dist_address is not None:
             self.join_data_parallel(dist_address)
 
@@ -75,9 +77,22 @@ class Learner:
     # --- training ---------------------------------------------------------------------
 
     def update(self, batch: TrainBatch) -> tuple[dict[str, float], Any]:
-        """One optimizer step -> (metrics reduced over all ranks, the objective's batch statistics
-        (HAPO's, which the next rollout samples with), or None)."""
-        return self.updater.step(batch)
+        """The step's update (learner.ppo_epochs x mini-batches optimizer steps) -> (metrics
+        reduced over all ranks, the objective's batch statistics (HAPO's, which the next rollout
+        samples with), or None). perf/learner_* count this rank's sequences against this rank's
+        device peak (the ranks run side by side on equal shares)."""
+        metrics, batch_stats = self.updater.step(batch)
+        metrics.update(perf.learner_metrics(self.policy.hf_config, [len(p) for p in batch.prompt_ids],
+                                            [len(r) for r in batch.response_ids], metrics["time/train_compute"],
+                                            self.peak_tflops()))
+        return metrics, batch_stats
+
+    def peak_tflops(self) -> float:
+        """This rank's device peak for the autocast dtype (rl/perf.py: GPU datasheet table, or a
+        matmul probe on CPU, cached per machine)."""
+        if self._peak is None:
+            self._peak = perf.peak_tflops(self.policy.device, self.policy.dtype)
+        return self._peak
 
     def score(self, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
         """Log-probs of `token_ids` after `prompt_ids` at temperature 1 (raw model), for sync checks."""
