@@ -109,16 +109,47 @@ def init_ray(config: Config) -> None:
 
 
 def run(config: Config) -> dict:
-    """Train per `config`; returns the last step's metrics."""
-    prepared = preflight(config)
-    init_ray(config)
-    from rl.trainer import Trainer
+    """Train per `config`; returns the last step's metrics.
 
-    trainer = Trainer(prepared)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    trainer.resume_from `auto` is resolved here, before preflight and Ray (rl/checkpoints.py).
+    SIGTERM / SIGINT (rl/preemption.py): the running step finishes and is checkpointed, the
+    actors stop and `Preempted` is raised (`main` prints the resume command and exits 128 +
+    the signal number); before the step loop `Preempted` is raised at once.
+    """
+    from rl.checkpoints import resolve_resume
+    from rl.preemption import handle_signals, install_signal_handlers
+
+    with handle_signals() as stop:
+        resume, line = resolve_resume(config.trainer.resume_from, config.trainer.output_dir)
+        config.trainer.resume_from = resume
+        if line:
+            print(line, file=sys.stderr)
+        prepared = preflight(config)
+        init_ray(config)
+        install_signal_handlers()  # ray.init put its own SIGTERM handler in place
+        from rl.trainer import Trainer
+
+        trainer = Trainer(prepared)
+        try:
+            with stop.deferred():
+                return trainer.fit()
+        finally:
+            trainer.close()
+
+
+def _stopped(e, argv: list[str], config: Config | None) -> int:
+    """After a SIGTERM/SIGINT (`Preempted`): Ray down (no actor, raylet or vLLM process outlives
+    the driver), the resume command on stderr, exit code 128 + the signal number."""
+    from rl.checkpoints import newest_complete_checkpoint
+    from rl.preemption import report
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    newest = newest_complete_checkpoint(config.trainer.output_dir) if config is not None else None
+    total = config.trainer.total_steps if config is not None else None
+    print(report(e, argv, str(newest) if newest else None, total), file=sys.stderr)
+    return e.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     path, overrides = argv[0], argv[1:]
     if "=" in path:  # only overrides given
         path, overrides = None, argv
-    try:
-        config = load_config(path, overrides)
-        run(config)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from rl.preemption import find_preempted, handle_signals
+
+    config = None
+    with handle_signals():  # a second signal while Ray shuts down exits at once
+        try:
+            config = load_config(path, overrides)
+            run(config)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # Preempted, or Ray's SystemError around it (rl/preemption.py)
+            stopped = find_preempted(e)
+            if stopped is None:
+                raise
+            return _stopped(stopped, argv, config)
     return 0
 
 

@@ -12,10 +12,12 @@ import ray
 import torch
 from tqdm import tqdm
 
+from rl import checkpoints
 from rl.batches import ScoredBatch, make_train_shards
 from rl.config import config_to_dict
 from rl.errors import ConfigError, SyncError
 from rl.metrics import MetricsLogger
+from rl.preemption import at_step_end
 from rl.sampling import PendingRollout, StepSampler
 from rl.staleness import StalenessControl, staleness_metrics
 from rl.step_metrics import summary_line
@@ -38,7 +40,7 @@ class Trainer:
         OmegaConf.save(OmegaConf.create(config_to_dict(c)), self.out / "config.yaml")
         self.setup_objective()
         self.start_step = 0
-        resume = c.trainer.resume_from
+        resume = checkpoints.resolve_resume(c.trainer.resume_from, c.trainer.output_dir)[0]  # null, auto or a path
         if resume:
             state = json.loads((Path(resume) / STATE_FILE).read_text())
             self.start_step = int(state["step"])
@@ -113,6 +115,7 @@ class Trainer:
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['response_length/mean']:.0f}")
             tqdm.write(summary_line(step, metrics))
             last = {"step": step, **metrics}
+            at_step_end(self, step)  # after SIGTERM/SIGINT: checkpoint this step, raise Preempted (rl/preemption.py)
         bar.close()
         return last
 
@@ -233,14 +236,17 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> Path:
-        path = self.out / "checkpoints" / f"step_{step}"
-        self.learners.call_all("save_checkpoint", str(path), self.prepared.model_path)
+        # Atomic (rl/checkpoints.py): written into .step_N.tmp, renamed to step_N once complete.
+        path, tmp = checkpoints.checkpoint_path(self.out, step), checkpoints.begin(self.out, step)
+        self.learners.call_all("save_checkpoint", str(tmp), self.prepared.model_path)
         # Rollouts in flight for later steps are not in the checkpoint: a resume draws their
         # prompts again (the data position before the oldest of them), so none is lost or repeated.
         data = self.ahead[0].data_state if self.ahead else self.prepared.prompts.state_dict()
         state = {"step": step, "data": data, "python_rng": random.getstate(),
                  "config": config_to_dict(self.config), "rollout_extra_args": self.rollout_extra_args}
-        (path / STATE_FILE).write_text(json.dumps(state))
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        checkpoints.commit(tmp, path)
+        self.last_saved_step = step
         return path
 
     def close(self) -> None:
