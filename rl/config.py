@@ -71,6 +71,11 @@ class DataConfig:
     """Apply the tokenizer's chat template when it has one."""
     shuffle: bool = True
     """Shuffle once per epoch (seeded by trainer.seed)."""
+    eval_path: str | None = None
+    """Held-out prompts for evaluation (same forms as `path`; `builtin:arithmetic` with
+    eval_split test is the quickstart's); null: no evaluation."""
+    eval_split: str = "test"
+    """Split of eval_path."""
 
     def __post_init__(self):
         _positive("data.prompts_per_step", self.prompts_per_step)
@@ -342,10 +347,17 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self):
         # Checks that span two sections; each section checks its own fields.
+        if self.trainer.eval_every < 0:
+            raise ConfigError(f"trainer.eval_every = {self.trainer.eval_every} must be >= 0 (0: no evaluation).")
+        if self.trainer.eval_every and not self.data.eval_path:
+            raise ConfigError(f"trainer.eval_every = {self.trainer.eval_every} but data.eval_path is null: name the "
+                              "held-out prompts (e.g. data.eval_path: builtin:arithmetic with data.eval_split: test), "
+                              "or set trainer.eval_every: 0.")
         if self.learner.mini_batches > self.data.prompts_per_step:
             raise ConfigError(f"learner.mini_batches = {self.learner.mini_batches} is larger than "
                               f"data.prompts_per_step = {self.data.prompts_per_step}: a mini-batch holds whole "

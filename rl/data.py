@@ -37,7 +37,9 @@ def load_rows(config: DataConfig, seed: int = 0):
     datasets.disable_progress_bars()  # a few local rows: bars would only bury errors
     if config.path == "builtin:arithmetic":
         from rl.arithmetic_task import arithmetic_examples
-        ds = datasets.Dataset.from_list(arithmetic_examples(seed=seed))
+        if config.split not in ("train", "test"):
+            raise DataError(f"data.split = {config.split!r}: builtin:arithmetic has the splits train and test.")
+        ds = datasets.Dataset.from_list(arithmetic_examples(seed=seed, split=config.split))
     else:
         path = Path(config.path)
         try:

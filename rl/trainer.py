@@ -79,6 +79,12 @@ class Trainer:
         self.sampler = StepSampler(c, self.objective, prepared.prompts, self.rollout, self.rewards,
                                    self.max_response_len)
         self.staleness = StalenessControl(c.trainer)
+        self.evaluator = None
+        if c.trainer.eval_every:
+            from rl.evaluation import Evaluator
+
+            self.evaluator = Evaluator(c, prepared.tokenizer, self.rollout, self.rewards)
+        self.eval_before: dict = {}  # the pre-training evaluation, logged in step 1's row
         self.ahead: collections.deque[PendingRollout] = collections.deque()  # rollouts of later steps
         self.pending_checks: list[tuple[int, list, object]] = []  # syncs not verified yet
         tol = c.trainer.sync_tolerance
@@ -110,6 +116,9 @@ class Trainer:
         last: dict = {}
         bar = tqdm(range(self.start_step + 1, c.trainer.total_steps + 1), desc="train",
                    initial=self.start_step, total=c.trainer.total_steps, unit="step", dynamic_ncols=True)
+        if self.evaluator is not None and self.start_step == 0:
+            bar.set_description_str("evaluating before training")
+            self.eval_before = self.evaluate(step=0)
         for step in bar:
             metrics = self.step(step, bar)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['response_length/mean']:.0f}")
@@ -151,6 +160,11 @@ class Trainer:
                                           [len(x.response_ids) for x in batch.samples],
                                           batch.metrics["time/generate"], self.rollout_peak),
                    "time/train": t_train, "time/step": time.perf_counter() - t_step}
+        if step == self.start_step + 1:
+            metrics.update(self.eval_before)
+        if self.evaluator is not None and (step % c.trainer.eval_every == 0 or step == c.trainer.total_steps):
+            bar.set_description_str(f"step {step}: evaluating")
+            metrics.update(self.evaluate(step))
         self.staleness.observe(metrics)
         metrics["staleness/k"] = float(self.staleness.k)
         for line in batch.failures[:3]:
@@ -160,6 +174,13 @@ class Trainer:
             self.save_checkpoint(step)
             metrics["time/checkpoint"] = time.perf_counter() - t0
         self.logger.log(step, metrics)
+        return metrics
+
+    def evaluate(self, step: int) -> dict:
+        """Held-out reward mean and pass@k with the weights of version `step` (rl/evaluation.py);
+        also a row of eval.jsonl. Queued behind any rollout in flight, after the step's load."""
+        metrics = self.evaluator.run(self.rollout_extra_args)
+        self.logger.log_eval(step, metrics)
         return metrics
 
     def sample_and_score(self) -> ScoredBatch:

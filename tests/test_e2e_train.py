@@ -69,6 +69,14 @@ def test_two_steps_write_metrics_plots_config(trained):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "objective" in (run / "config.yaml").read_text()
     assert "step 2: reward" in proc.stderr + proc.stdout  # one-line summary per step
+    # quickstart.yaml evaluates on held-out prompts: before step 1 (in step 1's row) and at the end
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2]
+    for row in rows:
+        assert 0 <= row["eval/pass@1"] <= row["eval/pass@4"] <= 1 and "eval/reward_mean" in row
+    assert rows[0]["eval/reward_mean"] == evals[0]["eval/reward_mean"]
+    assert all(k in rows[-1] for k in ("perf/learner_tflops", "perf/learner_mfu", "perf/rollout_tokens_per_s",
+                                       "perf/rollout_mfu", "staleness/max", "behavior/ess_fraction"))
 
 
 def test_checkpoint_is_hugging_face_and_weights_changed(trained, tiny_model_dir):
