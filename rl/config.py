@@ -311,6 +311,12 @@ class TrainerConfig:
     """Max |log-prob difference| (canary tokens) between learner and rollout after a sync, a quarter of it for the mean; null: 1e-3 in float32, 1.0 in 16-bit."""
     canary_prompt: str = "Count from one to ten:"
     """Prompt whose sampled continuation is scored by both sides to verify every weight sync."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Metrics trackers: jsonl (always on), tensorboard, wandb, mlflow (wandb/mlflow: `pip install 'rl-infinite[trackers]'`)."""
+    eval_every: int = 0
+    """Evaluate on data.eval_path before the first step, every this many steps and at the end
+    (0: never); results go into the row of the step after which they ran (the pre-training one
+    into step 1's) and into eval.jsonl."""
     max_staleness: Any = 0
     """How many weight versions a trained sample may lag the learner: 0 = synchronous (generate,
     then train); k >= 1 = the next k steps' rollouts run while the learner trains; `auto` = k
@@ -328,6 +334,28 @@ class TrainerConfig:
         if not 0 < self.auto_staleness_min_ess <= 1:
             raise ConfigError(f"trainer.auto_staleness_min_ess = {self.auto_staleness_min_ess} must be in (0, 1].")
         _positive("trainer.auto_staleness_max", self.auto_staleness_max)
+        from rl.metrics import check_loggers
+
+        self.loggers = check_loggers(self.loggers)  # known names, installed packages; jsonl first
+
+
+@dataclass
+class EvalConfig:
+    samples_per_prompt: int = 4
+    """Samples per held-out prompt (k of pass@k)."""
+    temperature: float = 1.0
+    """Sampling temperature of the evaluation."""
+    max_prompts: int = 64
+    """Held-out prompts evaluated each time (the first ones, in a fixed order)."""
+    pass_threshold: float = 1.0
+    """A sample passes when its reward is at least this (the arithmetic reward gives 1.0 for a
+    right answer)."""
+
+    def __post_init__(self):
+        _positive("eval.samples_per_prompt", self.samples_per_prompt)
+        _positive("eval.max_prompts", self.max_prompts)
+        if self.temperature < 0:
+            raise ConfigError(f"eval.temperature = {self.temperature} must be >= 0.")
 
 
 @dataclass
@@ -336,6 +364,8 @@ class RayConfig:
     """Ray cluster address; null uses RAY_ADDRESS when set, else starts a local Ray."""
     num_cpus: int | None = None
     """CPUs a local Ray may use (null: all)."""
+    loopback_only: bool = True
+    """A local Ray (no address) listens on 127.0.0.1 only, so no other machine can reach it; false binds its ports on every interface (Ray's default; see docs/CLUSTER.md)."""
 
 
 @dataclass
@@ -481,7 +511,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_to_dict(config: Config) -> dict:
-    """Plain dict (YAML-ready), with objective params flattened back next to `name`."""
+    """Plain dict (YAML-ready), with objective params flattened back next to `name`.
+
+    It is written to config.yaml and handed to the trackers, so it never carries a secret from
+    the environment: the config holds no environment values of its own, and a value that one
+    came into (a YAML `${oc.env:HF_TOKEN}`) is replaced by `<redacted $NAME>`."""
     d = dataclasses.asdict(config)
     d["objective"] = {"name": config.objective.name, **config.objective.params}
-    return d
+    return _redact_environment(d)
+
+
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+
+
+def _redact_environment(value: Any, secrets: dict[str, str] | None = None) -> Any:
+    """`value` with every environment secret (a variable whose name has KEY, TOKEN, SECRET,
+    PASSWORD, CREDENTIAL or AUTH in it, 8+ characters) cut out of its strings."""
+    import os
+
+    if secrets is None:
+        secrets = {v: k for k, v in os.environ.items()
+                   if len(v) >= 8 and any(w in k.upper() for w in _SECRET_WORDS)}
+    if isinstance(value, dict):
+        return {k: _redact_environment(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact_environment(v, secrets) for v in value)
+    if isinstance(value, str):
+        for secret, name in secrets.items():
+            value = value.replace(secret, f"<redacted ${name}>")
+    return value
