@@ -1,10 +1,20 @@
-"""Per-step metrics: metrics.jsonl, TensorBoard events and curves.png in the output directory."""
+"""Per-step metrics: metrics.jsonl, curves.png, and the trackers of `trainer.loggers`
+(TensorBoard, Weights & Biases, MLflow); evaluation rows in eval.jsonl.
+
+metrics.jsonl is always written (the other files and the resume logic read it). wandb and
+mlflow are optional extras (`pip install 'rl-infinite[trackers]'`), imported only when chosen;
+`check_loggers` (run by the config's TrainerConfig check, before Ray starts) turns an unknown
+name or a tracker that is not installed into a ConfigError with the install command.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 from pathlib import Path
+from typing import Any
 
 # Panels of curves.png: (title, metric keys drawn in it).
 CURVE_PANELS = (
