@@ -95,7 +95,32 @@ def preflight(config: Config) -> Prepared:
     return Prepared(config, model_path, tokenizer, prompts, reward_fns)
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def _loopback_node() -> None:
+    """Make the Ray started by this process take 127.0.0.1 as its node address.
+
+    Ray turns a loopback `_node_ip_address` into the machine's reachable address unless Ray
+    clusters are off (`ray._private.services.resolve_ip_for_localhost` ->
+    `get_node_ip_address`, which returns 127.0.0.1 only when
+    `ray_constants.ENABLE_RAY_CLUSTER` is false, from `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`).
+    With the node address 127.0.0.1, every Ray server binds the loopback interface only: the
+    GCS, the raylet's node manager and object manager and each worker's gRPC server listen on
+    127.0.0.1 when their node address is 127.0.0.1 (otherwise on 0.0.0.0 / ::), and the
+    runtime-env agent and the autoscaler's metrics server bind the node address.
+    The variable is read when ray is imported and inherited by Ray's processes; the module
+    constant is set too in case ray was imported before.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_ray(config: Config) -> None:
+    """Join `ray.address` (or $RAY_ADDRESS), else start a local Ray: dashboard off and, with
+    ray.loopback_only (the default), every port bound to 127.0.0.1 (docs/CLUSTER.md)."""
     import ray
 
     if ray.is_initialized():
@@ -103,9 +128,13 @@ def init_ray(config: Config) -> None:
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING")
+        return
+    kwargs = {}
+    if config.ray.loopback_only:
+        _loopback_node()
+        kwargs["_node_ip_address"] = LOOPBACK
+    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+             configure_logging=True, logging_level="WARNING", **kwargs)
 
 
 def run(config: Config) -> dict:
