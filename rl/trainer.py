@@ -12,7 +12,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from rl import checkpoints
+from rl import checkpoints, perf
 from rl.batches import ScoredBatch, make_train_shards
 from rl.config import config_to_dict
 from rl.errors import ConfigError, SyncError
@@ -49,7 +49,7 @@ class Trainer:
             random.setstate(_tuple_state(state["python_rng"]))
         else:
             random.seed(c.trainer.seed)
-        self.logger = MetricsLogger(self.out)
+        self.logger = MetricsLogger(self.out, loggers=c.trainer.loggers, config=config_to_dict(c))
         # A fresh run in an old output_dir starts a fresh metrics.jsonl; a resumed one drops
         # the rows logged after its checkpoint. Either way each step appears once.
         self.logger.truncate_after(self.start_step)
