@@ -313,6 +313,10 @@ class TrainerConfig:
     """Prompt whose sampled continuation is scored by both sides to verify every weight sync."""
     loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     """Metrics trackers: jsonl (always on), tensorboard, wandb, mlflow (wandb/mlflow: `pip install 'rl-infinite[trackers]'`)."""
+    max_skipped_steps: int = 3
+    """Non-finite guard: a step whose loss or gradient norm is NaN/inf is not applied (counted in
+    faults/skipped_steps, its samples in output_dir/bad_steps/step_N.jsonl); after this many in
+    a row the run stops."""
     eval_every: int = 0
     """Evaluate on data.eval_path before the first step, every this many steps and at the end
     (0: never); results go into the row of the step after which they ran (the pre-training one

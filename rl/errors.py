@@ -15,3 +15,7 @@ class DataError(UserError, ValueError):
 
 class SyncError(RuntimeError):
     """Rollout weights disagree with the learner's after a sync: training on them would be off-policy."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why and how to resume."""

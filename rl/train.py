@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from rl.config import Config, load_config
-from rl.errors import UserError
+from rl.errors import SyncError, TrainingError, UserError
 
 
 @dataclass
@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except (TrainingError, SyncError) as e:  # the run stopped cleanly, with the reason and the fix
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         except Exception as e:  # Preempted, or Ray's SystemError around it (rl/preemption.py)
             stopped = find_preempted(e)
             if stopped is None:

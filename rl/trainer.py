@@ -15,7 +15,7 @@ from tqdm import tqdm
 from rl import checkpoints, perf
 from rl.batches import ScoredBatch, make_train_shards
 from rl.config import config_to_dict
-from rl.errors import ConfigError, SyncError
+from rl.errors import ConfigError, SyncError, TrainingError
 from rl.metrics import MetricsLogger
 from rl.preemption import at_step_end
 from rl.sampling import PendingRollout, StepSampler
@@ -85,6 +85,7 @@ class Trainer:
 
             self.evaluator = Evaluator(c, prepared.tokenizer, self.rollout, self.rewards)
         self.eval_before: dict = {}  # the pre-training evaluation, logged in step 1's row
+        self.skipped_steps = self.skipped_in_a_row = 0  # non-finite guard
         self.ahead: collections.deque[PendingRollout] = collections.deque()  # rollouts of later steps
         self.pending_checks: list[tuple[int, list, object]] = []  # syncs not verified yet
         tol = c.trainer.sync_tolerance
@@ -148,6 +149,7 @@ class Trainer:
         self.submit_ahead(step)  # later steps' rollouts run while the learner trains
         train_metrics, batch_stats = self.learners.wait(update)
         t_train = time.perf_counter() - t0
+        self.guard_non_finite(step, batch, train_metrics)
 
         bar.set_description_str(f"step {step}: sync")
         sync_metrics = self.sync_weights(version=step)
@@ -175,6 +177,32 @@ class Trainer:
             metrics["time/checkpoint"] = time.perf_counter() - t0
         self.logger.log(step, metrics)
         return metrics
+
+    def guard_non_finite(self, step: int, batch: ScoredBatch, train_metrics: dict) -> None:
+        """The learners did not apply a non-finite step (rl/learner/update.py); count it, keep
+        its samples for debugging, and stop after trainer.max_skipped_steps in a row."""
+        skipped = train_metrics.pop("faults/skipped_step", 0.0) > 0
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        self.skipped_steps += int(skipped)
+        train_metrics["faults/skipped_steps"] = float(self.skipped_steps)
+        if not skipped:
+            return
+        bad = self.out / "bad_steps"
+        bad.mkdir(exist_ok=True)
+        with (bad / f"step_{step}.jsonl").open("w") as f:
+            for s, r, v in zip(batch.samples, batch.rewards, batch.valid):
+                f.write(json.dumps({"group_id": s.group_id, "sample_index": s.sample_index, "prompt_ids": s.prompt_ids,
+                                    "response_ids": s.response_ids, "response_text": s.response_text,
+                                    "logprobs": s.logprobs, "reward": r, "valid": v,
+                                    "policy_version": s.policy_version}) + "\n")
+        tqdm.write(f"step {step}: loss {train_metrics.get('loss')} / grad norm {train_metrics.get('grad_norm')} "
+                   f"is not finite; the update was not applied (samples in {bad / f'step_{step}.jsonl'})")
+        if self.skipped_in_a_row >= self.config.trainer.max_skipped_steps:
+            raise TrainingError(
+                f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient norm (trainer."
+                f"max_skipped_steps = {self.config.trainer.max_skipped_steps}); their samples are in {bad}. "
+                f"Lower learner.lr or check the reward for NaN/inf, then resume with trainer.resume_from=auto "
+                f"(the weights are those of the last finite step).")
 
     def evaluate(self, step: int) -> dict:
         """Held-out reward mean and pass@k with the weights of version `step` (rl/evaluation.py);

@@ -22,6 +22,8 @@ off-policy correction".
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from typing import Any, Optional
 
@@ -115,6 +117,12 @@ class PolicyUpdate:
         losses, clips, step_tokens, ratio_maxes, grad_norms, steps = [], [], [], [], [], []
         first = {"response_tokens": 0.0, "tokens": 0.0, "processed_tokens": 0.0, "real_tokens": 0.0,
                  "micro_batches": 0}
+        # Non-finite guard: a step with a NaN/inf loss or gradient norm is not applied. With one
+        # optimizer step that means skipping it; with several, the weights, AdamW state and LR
+        # schedule go back to where the step began.
+        several = cfg.ppo_epochs * len(groups) > 1
+        snapshot = self._snapshot() if several else None
+        skipped = False
         for epoch in range(cfg.ppo_epochs):
             for m, idx in enumerate(groups):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -132,8 +140,13 @@ class PolicyUpdate:
                     from rl.fsdp import full_tensor
 
                     grad_norm = full_tensor(grad_norm)  # the norm over all shards
-                self.optimizer.step()
-                self.scheduler.step()
+                # grad_norm is global (gradients already reduced), so every rank decides alike
+                if skipped or not math.isfinite(float(grad_norm)) or not math.isfinite(local["loss"]):
+                    skipped = True
+                    self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    self.optimizer.step()
+                    self.scheduler.step()
                 for k, v in local["sums"].items():
                     sums[k] = sums.get(k, 0.0) + v
                 losses.append(local["loss"])
@@ -148,6 +161,8 @@ class PolicyUpdate:
                     for k in _BEHAVIOR_SUMS:
                         behavior[k] += local["behavior"][k]
                     weight_max = max(weight_max, local["behavior"]["weight_max"])
+        if skipped and snapshot is not None:
+            self._restore(snapshot)
         n_steps = len(losses)
         keys = sorted(sums)
         head = [first["response_tokens"], first["tokens"], first["processed_tokens"], first["real_tokens"]]
@@ -185,8 +200,22 @@ class PolicyUpdate:
             "behavior/over_cap_fraction": b["over_cap"] / n_valid if n_valid else 0.0,
             "time/proximal_logprobs": t_proximal,
             "time/train_compute": time.perf_counter() - start,
+            "faults/skipped_step": float(skipped),
         })
         return out, batch_stats
+
+    def _snapshot(self) -> dict:
+        """What a step may change: the trainable weights, AdamW's state and the LR schedule."""
+        return {"params": [p.detach().clone() for p in self.params],
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "scheduler": copy.deepcopy(self.scheduler.state_dict())}
+
+    def _restore(self, snapshot: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, snapshot["params"]):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.scheduler.load_state_dict(snapshot["scheduler"])
 
     def _all_reduce_max(self, values: list[float]) -> list[float]:
         """Element-wise max over ranks (a MAX all_reduce, not the sum path)."""
