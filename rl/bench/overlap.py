@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", default=",".join(SETTINGS), help="max_staleness values to run, comma-separated")
     p.add_argument("--out-dir", default="outputs/bench_async")
     p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--reuse", action="store_true",
+                   help="summarize the runs already in --out-dir (complete metrics.jsonl) instead of training again")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
 
 
@@ -61,13 +63,16 @@ def _run_setting(args, setting: str) -> dict:
     from rl.train import run
 
     out = Path(args.out_dir) / f"staleness_{setting}"
-    config = load_config(args.config, [*args.overrides, f"trainer.max_staleness={setting}",
-                                       f"trainer.total_steps={args.steps}", f"trainer.output_dir={out}",
-                                       "trainer.checkpoint_every=0"])
-    t0 = time.perf_counter()
-    run(config)
-    wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = out / "metrics.jsonl"
+    wall = None
+    if not (args.reuse and metrics.exists() and len(metrics.read_text().splitlines()) >= args.steps):
+        config = load_config(args.config, [*args.overrides, f"trainer.max_staleness={setting}",
+                                           f"trainer.total_steps={args.steps}", f"trainer.output_dir={out}",
+                                           "trainer.checkpoint_every=0"])
+        t0 = time.perf_counter()
+        run(config)
+        wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()][:args.steps]
     timed = rows[1:] if len(rows) > 1 else rows  # step 1 is warm-up
     step_s = sum(r["time/step"] for r in timed)
     tokens = sum(r["tokens/generated"] for r in timed)
@@ -97,23 +102,24 @@ def run(args) -> int:
     model = {f"k={k}": {"predicted_seconds": pipeline_seconds(gen, train, sync, k),
                         "predicted_speedup": sequential / pipeline_seconds(gen, train, sync, k)}
              for k in (0, 1, 2)}
-    print_table(["max_staleness", "s/step", "completion tok/s", "learner idle", "rollout idle", "staleness max",
-                 "reward first", "reward last"],
-                [[r["max_staleness"], f"{r['seconds_per_step']:.1f}", f"{r['completion_tokens_per_s']:.1f}",
-                  f"{100 * r['learner_idle_fraction']:.0f}%", f"{100 * r['rollout_idle_fraction']:.0f}%",
-                  f"{r['staleness_max']:.0f}", f"{r['reward_curve'][0]:.3f}", f"{r['reward_curve'][-1]:.3f}"]
-                 for r in results])
-    print("\npipeline model of a disaggregated layout (rollout and learner on separate hardware), from the "
-          f"k=0 run's per-step generate {statistics.fmean(gen):.1f} s, train {statistics.fmean(train):.1f} s, "
-          f"sync {statistics.fmean(sync):.2f} s:")
-    for k, m in model.items():
-        print(f"  {k}: {m['predicted_seconds']:.1f} s for {len(gen)} steps, speedup {m['predicted_speedup']:.2f}x")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"results": results, "pipeline_model": model}
     (out / "bench_async.json").write_text(json.dumps(payload, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=1))
+    columns = ["max_staleness", "s/step", "completion tok/s", "learner idle", "rollout idle", "staleness max",
+               "reward first", "reward last"]
+    print_table([dict(zip(columns, [r["max_staleness"], f"{r['seconds_per_step']:.1f}",
+                                    f"{r['completion_tokens_per_s']:.1f}", f"{100 * r['learner_idle_fraction']:.0f}%",
+                                    f"{100 * r['rollout_idle_fraction']:.0f}%", f"{r['staleness_max']:.0f}",
+                                    f"{r['reward_curve'][0]:.3f}", f"{r['reward_curve'][-1]:.3f}"]))
+                 for r in results], columns)
+    print("\npipeline model of a disaggregated layout (rollout and learner on separate hardware), from the "
+          f"k=0 run's per-step generate {statistics.fmean(gen):.1f} s, train {statistics.fmean(train):.1f} s, "
+          f"sync {statistics.fmean(sync):.2f} s:")
+    for k, m in model.items():
+        print(f"  {k}: {m['predicted_seconds']:.1f} s for {len(gen)} steps, speedup {m['predicted_speedup']:.2f}x")
     _plot(results, out / "bench_async.png")
     print(f"\nwrote {out / 'bench_async.json'} and {out / 'bench_async.png'}")
     return 0
