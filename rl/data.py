@@ -83,12 +83,13 @@ class PromptSource:
         self.dropped_too_long = 0
         use_template = config.apply_chat_template and getattr(tokenizer, "chat_template", None)
         for i, row in enumerate(rows):
-            text = self._render(row[config.prompt_key], tokenizer, use_template, i)
+            text, messages = self._render(row[config.prompt_key], tokenizer, use_template, i)
             ids = tokenizer(text, add_special_tokens=not use_template)["input_ids"]
             if len(ids) > config.max_prompt_tokens:
                 self.dropped_too_long += 1
                 continue
             columns = {k: v for k, v in row.items() if k != config.prompt_key}
+            columns["prompt_messages"] = messages  # the executor's mark of a conversational prompt
             if config.answer_key is not None and config.answer_key != "answer":
                 columns.setdefault("answer", row[config.answer_key])
             self.prompts.append(Prompt(len(self.prompts), text, ids, columns))
@@ -101,7 +102,9 @@ class PromptSource:
         self.offset = 0
         self._order = self._epoch_order(0)
 
-    def _render(self, value: Any, tokenizer, use_template: bool, row: int) -> str:
+    def _render(self, value: Any, tokenizer, use_template: bool, row: int) -> tuple[str, list | None]:
+        """(prompt text, its chat messages when the chat template rendered it, else None): reward
+        functions in TRL's convention get conversational prompts as message lists."""
         if isinstance(value, str):
             messages = [{"role": "user", "content": value}]
         elif isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
@@ -110,10 +113,10 @@ class PromptSource:
             raise DataError(f"Row {row} of column {self.config.prompt_key!r} is {type(value).__name__}: "
                             f"expected a string or a list of chat messages {{role, content}}.")
         if not use_template:
-            return "\n".join(m["content"] for m in messages)
+            return "\n".join(m["content"] for m in messages), None
         if self.config.system_prompt and messages[0].get("role") != "system":
             messages = [{"role": "system", "content": self.config.system_prompt}] + messages
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), messages
 
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.prompts)))
