@@ -59,6 +59,9 @@ class RolloutActor(RolloutWorker):
     def ready(self) -> bool:
         return True
 
+    def where(self) -> dict:
+        return _where()
+
     @ray.method(concurrency_group="control")
     def interrupt(self) -> None:
         RolloutWorker.interrupt(self)
@@ -67,6 +70,26 @@ class RolloutActor(RolloutWorker):
 @ray.remote
 class LearnerActor(Learner):
     """A Learner (one data-parallel rank) in its own process."""
+
+    def where(self) -> dict:
+        return _where()
+
+
+def _where() -> dict:
+    """This actor's node as Ray reports it."""
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+def placement(rollout: "RolloutGroup", learners: "LearnerGroup") -> dict:
+    """{"rollout": [{rank, node_id, node_ip, num_cpus, num_gpus}, ...], "learner": [...]}:
+    where every actor runs and what it reserved (written to output_dir/placement.json)."""
+    out = {}
+    for name, group in (("rollout", rollout), ("learner", learners)):
+        nodes = ray.get([w.where.remote() for w in group.workers])
+        out[name] = [{"rank": i, **node, "num_cpus": group.options.get("num_cpus", 0),
+                      "num_gpus": group.options.get("num_gpus", 0)} for i, node in enumerate(nodes)]
+    return out
 
 
 def scheduler_options(config: Config) -> dict:
@@ -87,7 +110,7 @@ class RolloutGroup:
     def __init__(self, config: Config, model_path: str, seed: int, logits_processors=None):
         r = config.rollout
         self.partial = r.partial
-        opts = _actor_options(config)
+        self.options = opts = _actor_options(config)
         max_model_len = config.data.max_prompt_tokens + r.max_new_tokens
         env = dict(ACTOR_ENV)
         if logits_processors:
@@ -153,7 +176,7 @@ class LearnerGroup:
 
     def __init__(self, config: Config, model_path: str, init_weights_path: str | None = None):
         n = config.learner.workers
-        opts = _actor_options(config)
+        self.options = opts = _actor_options(config)
         env = {"runtime_env": {"env_vars": ACTOR_ENV}}
         model = dataclasses.replace(config.model, path=model_path)
         self.workers = [LearnerActor.options(**opts, **env).remote(

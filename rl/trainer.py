@@ -61,6 +61,7 @@ class Trainer:
                                     logits_processors=[processor] if processor else None)
         full_ft_resume = resume if (resume and c.model.lora.rank == 0) else None
         self.learners = LearnerGroup(c, prepared.model_path, init_weights_path=full_ft_resume)
+        self.write_placement()
         self.weight_sync = WeightSync(weight_sync_method(c), self.learners.full_weight_readers,
                                       self.rollout.workers, int(c.rollout.weight_bucket_mb * 2**20))
         if resume:
@@ -95,6 +96,17 @@ class Trainer:
         self.last_check: dict = {}
         if resume:  # rollout engines start from model.path; bring them up to date
             self.sync_weights(version=self.start_step)
+
+    def write_placement(self) -> None:
+        """output_dir/placement.json and a short table in the log: where every actor runs."""
+        from rl.actors import placement
+
+        where = placement(self.rollout, self.learners)
+        (self.out / "placement.json").write_text(json.dumps(where, indent=1))
+        for name, actors in where.items():
+            for a in actors:
+                tqdm.write(f"{name:>8} {a['rank']}: node {a['node_id'][:12]} ({a['node_ip']}) "
+                           f"cpus {a['num_cpus']} gpus {a['num_gpus']}")
 
     def setup_objective(self) -> None:
         """The objective, checked against the response length before any actor starts, and the

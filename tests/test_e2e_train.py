@@ -75,6 +75,9 @@ def test_two_steps_write_metrics_plots_config(trained):
     for row in rows:
         assert 0 <= row["eval/pass@1"] <= row["eval/pass@4"] <= 1 and "eval/reward_mean" in row
     assert rows[0]["eval/reward_mean"] == evals[0]["eval/reward_mean"]
+    where = json.loads((run / "placement.json").read_text())
+    assert [a["rank"] for a in where["rollout"]] == [0] and [a["rank"] for a in where["learner"]] == [0]
+    assert all(len(a["node_id"]) > 20 and a["node_ip"] for a in where["rollout"] + where["learner"])
     assert all(k in rows[-1] for k in ("perf/learner_tflops", "perf/learner_mfu", "perf/rollout_tokens_per_s",
                                        "perf/rollout_mfu", "staleness/max", "behavior/ess_fraction"))
 
