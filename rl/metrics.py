@@ -26,6 +26,7 @@ CURVE_PANELS = (
     ("sync max |Δ log-prob|", ("sync/max_logprob_diff",)),
     ("MFU (of the measured peak)", ("perf/learner_mfu", "perf/rollout_mfu")),
     ("staleness (versions)", ("staleness/mean", "staleness/max")),
+    ("held-out evaluation", ("eval/reward_mean", "eval/pass@1", "eval/pass@4")),
 )
 
 LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")
