@@ -18,8 +18,9 @@ then shuts the actors and Ray down, prints the command that resumes the run and 
 
 Handlers are installed by `handle_signals()` (a context manager that restores the previous
 handlers on exit, so `rl.train.run` called from a test or a benchmark leaves the caller's
-handlers as they were) and again by `install_signal_handlers()` after `ray.init`, which puts
-its own SIGTERM handler in place.
+handlers as they were). `ray.init` would put its own SIGTERM handler in place:
+`keep_handlers_through_ray_init()` stops it, and `install_signal_handlers()` after it puts
+ours back in case a Ray version does it another way.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class StopRequest:
         return self.signum is not None
 
     def reset(self) -> None:
-        self.__init__(self.grace_s)
+        self.__init__()
 
     @contextlib.contextmanager
     def deferred(self):
@@ -137,6 +138,29 @@ def install_signal_handlers() -> None:
         return
     for s in SIGNALS:
         signal.signal(s, _handler)
+
+
+@contextlib.contextmanager
+def keep_handlers_through_ray_init():
+    """While `ray.init` runs, ours stay the SIGTERM handler. ray.init installs its own twice
+    (sys.exit(15) in the driver; kill the node's processes and exit 1), through
+    ray._private.utils.set_sigterm_handler; a SIGTERM in that window (seconds: it starts the
+    GCS and the raylet) would exit 15 without a word. Without that function (another Ray
+    version) nothing is patched, and install_signal_handlers() after ray.init still applies."""
+    try:
+        from ray._private import utils as ray_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
 
 
 @contextlib.contextmanager

@@ -146,7 +146,7 @@ def run(config: Config) -> dict:
     the signal number); before the step loop `Preempted` is raised at once.
     """
     from rl.checkpoints import resolve_resume
-    from rl.preemption import handle_signals, install_signal_handlers
+    from rl.preemption import handle_signals, install_signal_handlers, keep_handlers_through_ray_init
 
     with handle_signals() as stop:
         resume, line = resolve_resume(config.trainer.resume_from, config.trainer.output_dir)
@@ -154,8 +154,9 @@ def run(config: Config) -> dict:
         if line:
             print(line, file=sys.stderr)
         prepared = preflight(config)
-        init_ray(config)
-        install_signal_handlers()  # ray.init put its own SIGTERM handler in place
+        with keep_handlers_through_ray_init():  # ray.init installs SIGTERM handlers of its own
+            init_ray(config)
+        install_signal_handlers()
         from rl.trainer import Trainer
 
         trainer = Trainer(prepared)

@@ -85,6 +85,16 @@ def test_a_step_past_the_grace_period_is_abandoned(tmp_path):
     assert time.monotonic() - t0 < 5
 
 
+def test_ray_init_cannot_replace_our_sigterm_handler():
+    from ray._private import utils as ray_utils
+
+    original = ray_utils.set_sigterm_handler
+    with handle_signals(), preemption.keep_handlers_through_ray_init():
+        ray_utils.set_sigterm_handler(lambda signum, frame: None)  # what ray.init does
+        assert signal.getsignal(signal.SIGTERM) is preemption._handler
+    assert ray_utils.set_sigterm_handler is original
+
+
 def test_handlers_are_restored_after():
     before = {s: signal.getsignal(s) for s in preemption.SIGNALS}
     with handle_signals():
@@ -255,6 +265,29 @@ def test_second_sigint_exits_at_once_and_leaves_no_ray_process(tmp_path, tiny_mo
     assert "SIGINT again: exiting now" in err
     left = _no_orphans(ray_tmp, within=30)
     assert not left, f"processes still alive after the forced exit: {left}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 3.0], ids=["in_ray_init", "actors_starting"])
+def test_sigterm_before_the_first_step_stops_cleanly(tmp_path, tiny_model_dir, ray_tmp, delay):
+    """Before the first step (ray.init starting the GCS and raylet, or vLLM and the learner
+    loading): nothing to save; the driver stops at once, inside whatever Ray call it waits in,
+    with our message (not ray.init's own SIGTERM handler's silent exit 15), and leaves no process."""
+    (tmp_path / "reward.py").write_text(REWARD_FILE)
+    proc = _start(_args(tmp_path, tiny_model_dir, "trainer.total_steps=50"), ray_tmp)
+    deadline = time.monotonic() + 300
+    while not list((ray_tmp / "ray").glob("session_*")) and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(delay)
+    assert not _rows(tmp_path / "run"), "too late: a step already finished"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 143, err[-4000:]
+    assert "Stopped by SIGTERM" in err and "trainer.resume_from=auto" in err
+    assert "Traceback" not in err and "SystemError" not in err, err[-4000:]
+    left = _no_orphans(ray_tmp)
+    assert not left, f"processes of the stopped run still alive: {left}"
 
 
 @pytest.mark.slow
