@@ -204,6 +204,9 @@ def measure(model_dir: str, sections: dict, prompts: int, group: int, prompt_len
         gc.collect()
     import psutil
 
+    # Peak from here on only: reset the kernel's high-water mark (VmHWM) so that what the imports
+    # and the warm-up held at their peak does not count (ru_maxrss cannot be reset).
+    hwm_reset = _reset_peak_rss()
     baseline = psutil.Process().memory_info().rss
     if cuda:
         torch.cuda.empty_cache()
@@ -228,7 +231,8 @@ def measure(model_dir: str, sections: dict, prompts: int, group: int, prompt_len
         peak = torch.cuda.max_memory_allocated()
         reserved = torch.cuda.max_memory_reserved()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+        high = _peak_rss() if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = high - baseline
         reserved = peak
     from rl.plan import CUDA_CONTEXT_BYTES, plan_config
 
@@ -239,6 +243,25 @@ def measure(model_dir: str, sections: dict, prompts: int, group: int, prompt_len
     return {"measured": peak, "reserved": reserved, "estimate": estimate, "ratio": estimate / peak,
             "micro_batches": metrics.get("train/micro_batches"), "params": plan.model.params,
             "formula_params": plan.model.formula_params(), "items": {i.label: i.bytes for i in plan.learner.items}}
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM (Linux: write 5 to /proc/self/clear_refs); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    """VmHWM of this process in bytes (the peak resident set since the last reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 CPU_CASES = {

@@ -27,11 +27,15 @@ def _train_one_step(learner, worker, seed=0):
     n_tok = sum(len(s.response_ids) for s in samples)
     batch = TrainBatch([s.prompt_ids for s in samples], [s.response_ids for s in samples], adv,
                        [s.logprobs for s in samples], n_tok, len(samples), 12)
-    return learner.update(batch)
+    return learner.update(batch)[0]
 
 
 def _canary_diff(learner, worker, prompt_ids):
-    tokens, engine_lp = worker.canary(prompt_ids, num_tokens=16)
+    # The engine scores the sampled continuation teacher-forced (prompt log-probs of the raw
+    # model), as the trainer's sync check does. The log-probs that come with sampled tokens are
+    # the behavior policy's (vLLM's processed_logprobs), computed on another code path.
+    tokens, _ = worker.canary(prompt_ids, num_tokens=16)
+    engine_lp = worker.score(prompt_ids, tokens)
     learner_lp = learner.score(prompt_ids, tokens)
     return max(abs(a - b) for a, b in zip(engine_lp, learner_lp)), tokens, engine_lp
 

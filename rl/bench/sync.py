@@ -112,7 +112,9 @@ def _actor_classes():
 def _canary_diff(learner, worker, canary_ids: list[int]) -> float:
     import ray
 
-    tokens, rollout_lp = ray.get(worker.canary.remote(canary_ids))
+    # As the trainer's check: the engine scores the continuation teacher-forced (raw model).
+    tokens, _ = ray.get(worker.canary.remote(canary_ids))
+    rollout_lp = ray.get(worker.score.remote(canary_ids, tokens))
     learner_lp = ray.get(learner.score.remote(canary_ids, tokens))
     return max(abs(a - b) for a, b in zip(rollout_lp, learner_lp))
 
@@ -152,7 +154,7 @@ def bench_model(name: str, path: str, args, classes) -> dict:
                 ray.get(learner.perturb.remote(0.05, rep))
                 before = _canary_diff(learner, worker, canary_ids)
                 if method is None:  # broadcast: no object to time apart from its loading
-                    m = broadcast.transfer()
+                    m = broadcast.transfer(version=rep + 1)
                     rows.append({"transport": transport, "repeat": rep, "bytes": m["sync/bytes"],
                                  "export_s": m["sync/export_seconds"], "load_s": m["sync/load_seconds"],
                                  "total_s": m["sync/seconds"], "receive_s": None,

@@ -11,6 +11,9 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
             return "-"
         return f"{v:.3g}" if isinstance(v, float) else str(v)
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    if not cells:
+        print("  ".join(columns))
+        return
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
