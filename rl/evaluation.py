@@ -9,6 +9,7 @@ import math
 import statistics
 import time
 
+from rl.sampling import reward_columns
 from rollout.records import SampleRequest
 
 
@@ -41,8 +42,7 @@ class Evaluator:
         results = self.rollout.generate(requests, group_size=k, max_new_tokens=self.config.rollout.max_new_tokens,
                                         temperature=e.temperature, top_p=1.0, extra_args=extra_args)
         samples = sorted((s for r in results for s in r.samples), key=lambda s: (s.group_id, s.sample_index))
-        columns = {key: [self.prompts[s.group_id].columns.get(key) for s in samples]
-                   for key in sorted({key for p in self.prompts for key in p.columns})}
+        columns = reward_columns(self.prompts, samples)
         scored = self.rewards.score([self.prompts[s.group_id].text for s in samples],
                                     [s.response_text for s in samples], columns, [s.group_id for s in samples])
         passed: dict[int, int] = {}

@@ -83,7 +83,7 @@ class StepSampler:
             t0 = time.perf_counter()
             reward = self.rewards.score(
                 [prompts[s.group_id].text for s in samples], [s.response_text for s in samples],
-                _columns(prompts, samples), [s.group_id for s in samples])
+                reward_columns(prompts, samples), [s.group_id for s in samples])
             t_reward += time.perf_counter() - t0
 
             # group ids (prompt indices) unique across the step's generation batches
@@ -151,7 +151,9 @@ def _rollout_stats(stats: list) -> dict:
     }
 
 
-def _columns(prompts, samples: list[Sample]) -> dict[str, list]:
+def reward_columns(prompts, samples: list[Sample]) -> dict[str, list]:
+    """The reward functions' keyword columns: every dataset column of each sample's prompt,
+    and the sampled token ids (`completion_ids`, as TRL passes them)."""
     keys = sorted({k for p in prompts for k in p.columns})
     cols = {k: [prompts[s.group_id].columns.get(k) for s in samples] for k in keys}
     cols["completion_ids"] = [s.response_ids for s in samples]
