@@ -93,15 +93,9 @@ def placement(rollout: "RolloutGroup", learners: "LearnerGroup") -> dict:
 
 
 def scheduler_options(config: Config) -> dict:
-    """RolloutWorker keyword arguments for `rollout.scheduler`."""
-    sc = config.rollout.scheduler
-    kwargs: dict = {}
-    if sc.policy == "naive_micro":
-        kwargs["micro_group_size"] = sc.micro_group_size or config.rollout.group_size
-    elif sc.policy == "length_aware":
-        kwargs.update(predictor=sc.predictor, eps=sc.fptas_eps)
-    return {"policy": sc.policy, "policy_kwargs": kwargs, "kv_budget_tokens": sc.kv_budget_tokens,
-            "slots": sc.slots}
+    """RolloutWorker keyword arguments for `rollout.scheduler` (`SchedulerConfig.worker_options`:
+    the policy, its options, the KV budget that also sizes the engine, the slots)."""
+    return config.rollout.scheduler.worker_options(config.rollout.group_size)
 
 
 class RolloutGroup:

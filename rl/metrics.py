@@ -27,6 +27,10 @@ CURVE_PANELS = (
     ("MFU (of the measured peak)", ("perf/learner_mfu", "perf/rollout_mfu")),
     ("staleness (versions)", ("staleness/mean", "staleness/max")),
     ("held-out evaluation", ("eval/reward_mean", "eval/pass@1", "eval/pass@4")),
+    ("rollout KV tokens", ("rollout/kv_budget_tokens", "rollout/engine_kv_tokens", "rollout/peak_kv_tokens")),
+    ("rollout decode steps", ("rollout/decode_steps", "rollout/lower_bound_steps")),
+    ("rollout preemptions", ("rollout/preemptions",)),
+    ("length predictor MAE (tokens)", ("rollout/predictor_mae",)),
 )
 
 LOGGERS = ("jsonl", "tensorboard", "wandb", "mlflow")

@@ -140,15 +140,37 @@ class StepSampler:
 
 
 def _rollout_stats(stats: list) -> dict:
-    """One generation batch's measures over the workers (they run side by side)."""
-    return {
+    """One generation batch's measures over the workers (they run side by side): times and
+    step counts of the slowest, memory and counts summed over the engines.
+
+    KV tokens: kv_budget_tokens (what the policies may fill), engine_kv_tokens (allocated:
+    blocks x block size), peak_kv_tokens (the engines' blocks in use at peak x block size, as
+    vLLM reports them), planned_peak_kv_tokens (the policies' own count, prompt + generated per
+    running sequence, no prefix sharing). lower_bound_steps: the KV-aware lower bound on decode
+    steps (`scheduling.kv_lower_bound_steps`); predictor_mae: |predicted - produced| output
+    length of the length predictor, mean over the workers that have one."""
+    extra = [s.extra for s in stats]
+    out = {
         "rollout/seconds": max(s.seconds for s in stats),
         "rollout/decode_steps": max(s.decode_steps for s in stats),
         "rollout/peak_running": sum(s.peak_running for s in stats),
-        "rollout/peak_kv_tokens": sum(s.peak_kv_tokens for s in stats),
+        "rollout/planned_peak_kv_tokens": sum(s.peak_kv_tokens for s in stats),
         "rollout/preemptions": sum(s.preemptions for s in stats),
         "rollout/scheduler_seconds": sum(s.scheduler_seconds for s in stats),
     }
+    summed = {"rollout/kv_budget_tokens": "kv_budget_tokens", "rollout/engine_kv_tokens": "engine_kv_tokens",
+              "rollout/peak_kv_tokens": "engine_peak_kv_tokens"}
+    for name, key in summed.items():
+        values = [x[key] for x in extra if x.get(key) is not None]
+        if values:
+            out[name] = sum(values)
+    bounds = [x["kv_lower_bound"] for x in extra if x.get("kv_lower_bound") is not None]
+    if bounds:
+        out["rollout/lower_bound_steps"] = max(bounds)
+    errors = [x["predictor_mae"] for x in extra if x.get("predictor_mae") is not None]
+    if errors:
+        out["rollout/predictor_mae"] = sum(errors) / len(errors)
+    return out
 
 
 def reward_columns(prompts, samples: list[Sample]) -> dict[str, list]:

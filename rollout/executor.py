@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from rollout.records import RolloutStats
-from scheduling import SchedulingPolicy, Seq, lower_bound_steps
+from scheduling import SchedulingPolicy, Seq, kv_lower_bound_steps, lower_bound_steps
 
 
 class EngineProbe:
@@ -40,6 +40,11 @@ class EngineProbe:
     def cache_tokens(self) -> int:
         """KV tokens the engine can hold (usable blocks x block size)."""
         return self.usable_blocks * self.block_size
+
+    @property
+    def allocated_tokens(self) -> int:
+        """KV tokens the engine allocated: every block, the null block included, x block size."""
+        return (self.usable_blocks + 1) * self.block_size
 
     def _wrap_preempt(self) -> None:
         # vLLM keeps only a per-request count; a good plan has no preemption at all, and this
@@ -88,7 +93,11 @@ def run_rollout(
     schedule as when asked every step, and the plan then costs nothing on most steps).
 
     stats.extra: engine_peak_kv_tokens (blocks in use x block size), engine_peak_running,
-    engine_peak_waiting, lower_bound (decode steps, from the lengths produced and `slots`),
+    engine_peak_waiting, engine_kv_tokens (allocated: `EngineProbe.allocated_tokens`),
+    lower_bound (decode steps, from the lengths produced and `slots`),
+    kv_lower_bound (also from the prompts and `kv_budget_tokens`: `kv_lower_bound_steps`),
+    predictor_mae (|predicted - produced| output length, mean over the finished sequences, the
+    prediction taken when each was admitted; None for a policy without a length predictor),
     kv_budget_tokens, slots, policy; with record_timeline, timeline = [[step, own KV tokens,
     engine KV tokens, admitted sequences], ...] after every step.
 
@@ -111,6 +120,8 @@ def run_rollout(
     timeline: list[list[int]] = []
     ask = True
     latest: dict[str, Any] = {}  # the newest (cumulative) output of each running sequence
+    predictor = getattr(policy, "predictor", None)
+    predicted: dict[str, float] = {}  # output length predicted at admission (what the plan used)
     while pending or running:
         if should_stop is not None and running and should_stop():
             engine.abort_request(list(running))
@@ -128,6 +139,9 @@ def run_rollout(
                         sid not in by_id or sid in running or sid in finished for sid in admit):
                     raise RuntimeError(f"policy {policy.name!r} admitted unknown, running or repeated ids")
                 pending = [s for s in pending if s.seq_id not in admit_set]
+            if predictor is not None:
+                for sid in admit:
+                    predicted[sid] = float(predictor.predict(by_id[sid]))
             stats.scheduler_seconds += time.perf_counter() - t0
             for sid in admit:
                 engine.add_request(sid, {"prompt_token_ids": prompt_ids[sid]}, params)
@@ -169,10 +183,15 @@ def run_rollout(
     stats.preemptions = (probe.preemptions - preempt_before) if probe else 0
     lengths = [len(c.token_ids) for c in finished.values()]
     stats.generated_tokens = sum(lengths)
+    errors = [abs(predicted[sid] - len(c.token_ids)) for sid, c in finished.items() if sid in predicted]
     stats.extra.update(
         policy=policy.name, kv_budget_tokens=int(kv_budget_tokens), slots=int(slots),
         lower_bound=lower_bound_steps(lengths, slots) if lengths else 0,
+        kv_lower_bound=kv_lower_bound_steps(lengths, [by_id[sid].prompt_tokens for sid in finished], slots,
+                                            kv_budget_tokens),
+        predictor_mae=sum(errors) / len(errors) if errors else None,
         engine_peak_kv_tokens=engine_peak_kv if probe and probe.block_pool else None,
+        engine_kv_tokens=probe.allocated_tokens if probe and probe.block_pool else None,
         engine_peak_running=engine_peak_run, engine_peak_waiting=engine_peak_wait,
     )
     if record_timeline:

@@ -53,6 +53,39 @@ def _cpu_kv_cache_bytes(memory_fraction: float) -> int:
     return max(min(wanted, memory.available // 2), 64 * 2**20)
 
 
+# KV block size of an engine sized from a budget, on CPU (vLLM-CPU's own default is 128; its
+# kernels want multiples of 32). Every sequence's last block is partly empty, so a sequence holds
+# up to one block - 1 tokens more than its own count: with 128-token blocks and responses of
+# ~100 tokens, rounding alone would take about half of a budget-sized cache.
+CPU_BUDGET_BLOCK_SIZE = 32
+
+
+def budget_engine_blocks(kv_budget_tokens: int, block_size: int) -> int:
+    """num_gpu_blocks_override for an engine that holds at most `kv_budget_tokens` KV tokens:
+    the whole blocks that fit the budget, plus vLLM's null block (block 0, never handed to a
+    request). Allocated tokens (blocks x block size) <= budget + one block."""
+    return max(kv_budget_tokens // block_size, 1) + 1
+
+
+def _build_engine(engine_args, engine_kv_tokens: int | None):
+    """LLMEngine.from_engine_args, with the KV cache sized to `engine_kv_tokens` when given:
+    the block count is set on the resolved config (vLLM's `num_gpu_blocks_override`, honoured
+    by the GPU and CPU workers alike: kv_cache_utils.get_kv_cache_configs plans and allocates
+    override x bytes per block), since the block size is known only once vLLM has resolved it
+    for the platform."""
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    if engine_kv_tokens is None or engine_args.num_gpu_blocks_override is not None:
+        return LLMEngine.from_engine_args(engine_args)
+    from vllm.v1.executor import Executor
+
+    config = engine_args.create_engine_config()
+    config.cache_config.num_gpu_blocks_override = budget_engine_blocks(engine_kv_tokens,
+                                                                       config.cache_config.block_size)
+    return LLMEngine(vllm_config=config, executor_class=Executor.get_class(config),
+                     log_stats=not engine_args.disable_log_stats, multiprocess_mode=False)
+
+
 def _sampled_logprobs(completion, token_ids: list[int]) -> list[float]:
     return [step[tok].logprob for step, tok in zip(completion.logprobs, token_ids)]
 
@@ -82,6 +115,9 @@ class RolloutWorker:
         policy: admission policy name from `scheduling` (full_group, naive_micro, continuous, length_aware).
         policy_kwargs: its keyword arguments.
         kv_budget_tokens: KV tokens the policy may fill; None derives it from the engine's cache.
+        engine_kv_tokens: size the engine's KV cache to this many tokens (whole blocks, at most
+            this many; `budget_engine_blocks`) instead of from gpu_memory_utilization; on CPU
+            with blocks of CPU_BUDGET_BLOCK_SIZE unless engine_kwargs sets block_size.
         slots: most sequences in flight; None = the engine's max_num_seqs.
         logits_processors: vLLM V1 logits processor classes (e.g. HAPO's adaptive temperature).
         weight_broadcast: give the engine a weight-transfer endpoint so that it can receive
@@ -102,6 +138,7 @@ class RolloutWorker:
         policy: str = "full_group",
         policy_kwargs: dict | None = None,
         kv_budget_tokens: int | None = None,
+        engine_kv_tokens: int | None = None,
         slots: int | None = None,
         logits_processors: list | None = None,
         num_threads: int | None = None,
@@ -110,7 +147,6 @@ class RolloutWorker:
     ):
         _configure_vllm_env(num_threads)
         from vllm import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine
 
         from rollout.executor import EngineProbe
 
@@ -131,16 +167,19 @@ class RolloutWorker:
         )
         if _on_cpu():
             args["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(gpu_memory_utilization)
+            if engine_kv_tokens is not None:
+                args["block_size"] = CPU_BUDGET_BLOCK_SIZE
         if weight_broadcast:
             from rollout.weight_broadcast import ENGINE_BACKEND, register_engine
 
             register_engine()  # before the engine builds its (in-process) worker
             args["weight_transfer_config"] = {"backend": ENGINE_BACKEND}
         args.update(engine_kwargs or {})
-        self.engine = LLMEngine.from_engine_args(EngineArgs(**args))
+        self.engine = _build_engine(EngineArgs(**args), engine_kv_tokens)
         self.tokenizer = self.engine.get_tokenizer()
         self.probe = EngineProbe(self.engine)  # engine KV usage and preemption counter
         self.cache_tokens = self.probe.cache_tokens
+        self.engine_kv_tokens = self.probe.allocated_tokens  # the rollout's KV memory, in tokens
         self.record_timeline = False  # benchmarks: per-step KV in stats.extra["timeline"]
         self._request_counter = 0
         self.policy_version = 0  # weight syncs loaded so far; stamped on every sample

@@ -22,7 +22,7 @@ from .predictors import (
     make_predictor,
     predictor_names,
 )
-from .simulator import SimResult, lower_bound_steps, simulate
+from .simulator import SimResult, kv_lower_bound_steps, lower_bound_steps, simulate
 from .traces import Trace, load_trace, save_trace, synthetic_trace
 from .types import Seq
 
@@ -42,6 +42,7 @@ __all__ = [
     "simulate",
     "SimResult",
     "lower_bound_steps",
+    "kv_lower_bound_steps",
     "Trace",
     "synthetic_trace",
     "load_trace",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from .base import SchedulingPolicy
 from .traces import Trace
@@ -54,6 +54,20 @@ def lower_bound_steps(lengths: Iterable[int], slots: int) -> int:
     if not lengths:
         return 0
     return max(max(lengths), math.ceil(sum(lengths) / slots))
+
+
+def kv_lower_bound_steps(lengths: Sequence[int], prompts: Sequence[int], slots: int,
+                         kv_budget_tokens: int) -> int:
+    """max(max_j L_j, ceil(sum_j L_j / S), ceil(sum_j L_j (p_j + L_j / 2) / C)).
+
+    The third term is the KV-time area: sequence j holds p_j + t tokens at its t-th step, about
+    L_j (p_j + L_j / 2) token-steps over its life, and a cache of C tokens gives at most C per
+    step. lengths L_j and prompts p_j [n] (same order), S slots, C KV tokens."""
+    lengths = list(lengths)
+    if not lengths:
+        return 0
+    area = sum(n * (p + n / 2) for n, p in zip(lengths, prompts))
+    return max(lower_bound_steps(lengths, slots), math.ceil(area / max(kv_budget_tokens, 1)))
 
 
 def simulate(

@@ -76,3 +76,66 @@ def test_shipped_configs_validate():
     assert configs, "configs/ has no YAML"
     for path in configs:
         load_config(path)
+
+
+# --- rollout.scheduler: keys per policy, micro groups, the KV budget ---------------------------
+
+@pytest.mark.parametrize("policy, key, value, readers", [
+    ("full_group", "micro_group_size", 4, "naive_micro, continuous, length_aware"),
+    ("full_group", "slots", 16, "naive_micro, continuous, length_aware"),
+    ("continuous", "fptas_eps", 0.1, "length_aware"),
+    ("continuous", "predictor", "constant", "length_aware"),
+    ("naive_micro", "predictor", "token_conditioned", "length_aware"),  # the default value, but set
+    ("naive_micro", "regroup_fraction", 0.3, "length_aware"),
+    ("continuous", "tail_guard", False, "length_aware"),
+])
+def test_a_scheduler_key_the_policy_does_not_read_is_rejected(policy, key, value, readers):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"rollout.scheduler.policy={policy}", f"rollout.scheduler.{key}={value}"])
+    msg = str(e.value)
+    assert f"rollout.scheduler.{key}" in msg and f"policy {policy!r}" in msg and f"read by {readers}" in msg
+
+
+@pytest.mark.parametrize("policy", ["full_group", "naive_micro", "continuous", "length_aware"])
+def test_scheduler_defaults_are_valid_for_every_policy(policy):
+    c = load_config(None, [f"rollout.scheduler.policy={policy}"])
+    assert c.rollout.scheduler.budget_per_worker is None  # engine sized from gpu_memory_utilization
+
+
+def test_keys_of_the_chosen_policy_are_accepted():
+    load_config(None, ["rollout.scheduler.policy=length_aware", "rollout.scheduler.micro_group_size=4",
+                       "rollout.scheduler.fptas_eps=0.1", "rollout.scheduler.predictor=constant",
+                       "rollout.scheduler.regroup_fraction=0.25", "rollout.scheduler.tail_guard=false"])
+    load_config(None, ["rollout.scheduler.policy=continuous", "rollout.scheduler.micro_group_size=2",
+                       "rollout.scheduler.slots=8"])
+
+
+@pytest.mark.parametrize("g", [0, 9, -1])
+def test_micro_group_size_must_be_within_the_group(g):
+    with pytest.raises(ConfigError, match=rf"micro_group_size = {g} must be in \[1, rollout.group_size = 8\]"):
+        load_config(None, ["rollout.group_size=8", "rollout.scheduler.policy=naive_micro",
+                           f"rollout.scheduler.micro_group_size={g}"])
+
+
+def test_kv_budget_auto_is_a_fraction_of_each_workers_full_group_demand():
+    c = load_config(None, ["data.prompts_per_step=5", "data.max_prompt_tokens=100", "rollout.workers=2",
+                           "rollout.group_size=16", "rollout.max_new_tokens=156",
+                           "rollout.scheduler.kv_budget_tokens=auto", "rollout.scheduler.kv_budget_fraction=0.5"])
+    # worker 0 gets ceil(5 / 2) = 3 prompts: 0.5 x 3 x 16 x (100 + 156)
+    assert c.rollout.scheduler.budget_per_worker == 6144
+    assert c.rollout.scheduler.kv_budget_tokens == "auto"  # the config keeps what the user wrote
+    assert load_config(None, ["rollout.scheduler.kv_budget_tokens=5000"]).rollout.scheduler.budget_per_worker == 5000
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["rollout.scheduler.kv_budget_tokens=auto"], "needs rollout.scheduler.kv_budget_fraction"),
+    (["rollout.scheduler.kv_budget_fraction=0.5"], "only read with rollout.scheduler.kv_budget_tokens: auto"),
+    (["rollout.scheduler.kv_budget_tokens=auto", "rollout.scheduler.kv_budget_fraction=1.5"], r"must be in \(0, 1\]"),
+    (["rollout.scheduler.kv_budget_tokens=half"], "kv_budget_tokens = 'half' is not valid"),
+    (["rollout.scheduler.kv_budget_tokens=0"], "kv_budget_tokens = 0 is not valid"),
+    (["rollout.scheduler.kv_budget_tokens=100", "data.max_prompt_tokens=64", "rollout.max_new_tokens=64"],
+     "less than one sequence of data.max_prompt_tokens \\+ rollout.max_new_tokens = 128"),
+])
+def test_bad_kv_budgets_name_the_field_and_the_fix(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)

@@ -118,3 +118,61 @@ def test_a_policy_that_admits_a_running_id_is_an_error():
 
     with pytest.raises(RuntimeError, match="admitted"):
         run_rollout(FakeEngine(lengths), Bad(), seqs, {s.seq_id: [] for s in seqs}, None, 100, 4)
+
+
+# --- micro groups: rounds of g, through the training config's translation ----------------------
+
+def _rounds(policy_name: str, group_size: int, g: int, lengths_of, groups: int = 1):
+    """(admission batches, stats) of one rollout of `groups` x `group_size` samples under the
+    options rl.train gives the workers (rl.actors.scheduler_options) for
+    rollout.scheduler.{policy, micro_group_size}."""
+    from rl.config import load_config
+
+    c = load_config(None, [f"rollout.group_size={group_size}", f"rollout.scheduler.policy={policy_name}",
+                           f"rollout.scheduler.micro_group_size={g}"])
+    opts = c.rollout.scheduler.worker_options(c.rollout.group_size)  # as rl.actors passes them
+    kw = dict(opts["policy_kwargs"])
+    lengths, seqs = {}, []
+    for b in range(groups):
+        for k in range(group_size):
+            rid = f"r{b}_{k}"
+            lengths[rid] = lengths_of(b, k)
+            seqs.append(Seq(rid, b, 5, 64))
+    if policy_name == "length_aware":
+        kw["predictor"] = OracleLengthPredictor(lengths)
+    policy = make_policy(opts["policy"], **kw)
+    batches = []
+    plan = policy.plan
+
+    def recorded(*args):
+        admit = plan(*args)
+        if admit:
+            batches.append(list(admit))
+        return admit
+
+    policy.plan = recorded
+    _, stats = run_rollout(FakeEngine(lengths), policy, seqs, {s.seq_id: [] for s in seqs}, None,
+                           kv_budget_tokens=10**6, slots=opts["slots"])
+    return batches, stats
+
+
+@pytest.mark.parametrize("name", ["naive_micro", "continuous", "length_aware"])
+def test_micro_group_size_4_of_16_decodes_in_4_rounds(name):
+    batches, stats = _rounds(name, 16, 4, lambda b, k: 10)
+    assert [len(b) for b in batches] == [4, 4, 4, 4]
+    assert stats.peak_running == 4 and stats.decode_steps == 40
+
+
+def test_naive_micro_rounds_wait_for_the_slowest_sample():
+    # lengths 1..16: a round ends with its longest sample; the next round starts only then
+    batches, stats = _rounds("naive_micro", 16, 4, lambda b, k: k + 1)
+    assert [len(b) for b in batches] == [4, 4, 4, 4]
+    assert stats.decode_steps == 4 + 8 + 12 + 16
+
+
+def test_continuous_interleaves_rounds_across_groups():
+    # 2 groups of 6, g = 4: group 0's second micro-group (2 samples) shares its round with group 1
+    batches, stats = _rounds("continuous", 6, 4, lambda b, k: 10, groups=2)
+    assert [len(b) for b in batches] == [4, 4, 4]
+    assert {s.split("_")[0] for s in batches[1]} == {"r0", "r1"}
+    assert stats.peak_running == 4

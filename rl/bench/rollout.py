@@ -48,6 +48,7 @@ from scheduling import (
 
 POLICIES = ("full_group", "naive_micro", "continuous", "length_aware")
 PREDICTOR_POLICIES = {"length_aware"}  # policies that take a `predictor=` argument
+MICRO_GROUP_POLICIES = {"naive_micro", "continuous", "length_aware"}  # decode in rounds of g
 PROMPTS_FILE = Path(__file__).resolve().parents[2] / "configs" / "traces" / "mixed_prompts.yaml"
 
 
@@ -73,7 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="simulation: S for every policy (default 32); real: slots of "
                         "naive_micro/continuous (default: safe for the KV budget)")
     p.add_argument("--kv-budget", type=int, default=None, help="C, KV tokens (see above)")
-    p.add_argument("--micro-group-size", type=int, default=None, help="naive_micro g (default G)")
+    p.add_argument("--micro-group-size", type=int, default=None,
+                   help="g: rounds of g sequences (slots capped at g) for naive_micro, continuous and "
+                        "length_aware, as rollout.scheduler.micro_group_size in training (default: "
+                        "no cap; naive_micro's micro-groups are then G samples, or the slots in simulation)")
     p.add_argument("--fptas", action="store_true", help="also time the FPTAS on 4,096 sequences")
     p.add_argument("--every-step", action="store_true", help="simulation: plan every step")
     # real mode
@@ -142,10 +146,13 @@ def simulate_policies(
     kv_budget_tokens: int | None = None,
     predictor: str | LengthPredictor = "oracle",
     plan_every_step: bool = False,
+    micro_group_size: int | None = None,
 ) -> list[dict]:
     """One row of measures per policy. `predictor` is a name ("oracle" is built from the trace)
     or an instance, deep-copied per policy so every policy starts from the same state.
-    kv_budget_tokens None: see `default_kv_budget`."""
+    kv_budget_tokens None: see `default_kv_budget`. micro_group_size g: rounds of g, as in
+    training (`rl.actors.scheduler_options`): naive_micro's micro-groups are g samples and the
+    slots of naive_micro, continuous and length_aware are capped at g; None: no cap."""
     trace = Trace.coerce(trace)
     if kv_budget_tokens is None:
         kv_budget_tokens = default_kv_budget(trace, slots)
@@ -159,9 +166,15 @@ def simulate_policies(
                 kw["predictor"] = make_predictor(predictor)
             else:
                 kw["predictor"] = copy.deepcopy(predictor)
-        res = simulate_policy(make_policy(name, **kw), trace, slots, kv_budget_tokens, plan_every_step)
+        policy_slots = slots
+        if micro_group_size is not None and name in MICRO_GROUP_POLICIES:
+            policy_slots = min(slots, micro_group_size)
+            if name == "naive_micro":
+                kw["micro_group_size"] = micro_group_size
+        res = simulate_policy(make_policy(name, **kw), trace, policy_slots, kv_budget_tokens, plan_every_step)
         row = res.as_dict()
-        row["predictor"] = kw["predictor"].name if kw else "-"
+        row["predictor"] = kw["predictor"].name if "predictor" in kw else "-"
+        row["slots"] = policy_slots
         row["kv_budget_tokens"] = kv_budget_tokens
         if name == "full_group":
             full_peak = res.peak_kv_tokens
@@ -204,7 +217,8 @@ def simulate(args) -> dict:
     for i, name in enumerate(p.strip() for p in (args.predictor or "oracle,token_conditioned").split(",")):
         pred = name if name == "oracle" else warm_predictor(make_predictor(name), warm)
         names = policies if i == 0 else [p for p in policies if p == "length_aware"]
-        rows += simulate_policies(trace, names, slots, args.kv_budget, pred, args.every_step)
+        rows += simulate_policies(trace, names, slots, args.kv_budget, pred, args.every_step,
+                                  args.micro_group_size)
     full = next((r["peak_kv_tokens"] for r in rows if r["policy"] == "full_group"), None)
     for r in rows:  # later predictor runs compare with the first run's full_group
         r["peak_kv_vs_full"] = r["peak_kv_tokens"] / full if full else math.nan
@@ -283,6 +297,8 @@ def real(args) -> dict:
                 slots = args.max_num_seqs
             elif name == "full_group":
                 slots, kv = args.max_num_seqs, worker.cache_tokens
+            if args.micro_group_size and name in MICRO_GROUP_POLICIES:
+                slots = min(slots, args.micro_group_size)
             worker.set_policy(name, kw, kv_budget_tokens=kv, slots=slots)
             worker.engine.reset_prefix_cache()  # no policy inherits the previous one's cache
             result = worker.generate(requests, **sampling)

@@ -75,7 +75,11 @@ def plan_config(config, gpu: str = "H100-80GB", gpus: int | None = None, config_
              f"at {kv_per_token:,} B/token (2 x {arch.layers} layers x {arch.kv_heads} KV heads x {arch.head_dim} "
              f"x {model_bytes} B)"),
     ]
-    budget = r.scheduler.kv_budget_tokens
+    budget = r.scheduler.budget_per_worker  # kv_budget_tokens with auto resolved; it sizes the cache
+    if budget is not None:
+        rollout.items[-1] = Item("KV cache (rollout.scheduler.kv_budget_tokens)", budget * kv_per_token,
+                                 f"{budget:,} tokens at {kv_per_token:,} B/token, allocated as vLLM blocks "
+                                 f"(num_gpu_blocks_override); gpu_memory_utilization would leave {kv_tokens:,}")
     seq = config.data.max_prompt_tokens + r.max_new_tokens
     per_worker_seqs = math.ceil(config.data.prompts_per_step / R_w) * r.group_size
     rollout.notes.append(f"one group (G = {r.group_size}) at full length ({seq} tokens each) needs "
