@@ -453,8 +453,25 @@ class TrainerConfig:
     """max_staleness auto: lower k when behavior/ess_fraction falls below this."""
     auto_staleness_max: int = 4
     """max_staleness auto: the largest k it may choose."""
+    actor_timeout_s: float = 120.0
+    """A rollout or learner actor that leaves a liveness probe unanswered this long (hung,
+    stopped) is killed and treated as lost, like one that died (rl/supervision.py). Long calls
+    are not cut short: the probe is answered while a rollout or update runs."""
+    max_restarts: int = 3
+    """Lost actors replaced in one run (rollout workers replaced, learners rebuilt from the newest
+    checkpoint; faults/rollout_restarts, faults/learner_restarts); one more stops the run with
+    the resume command."""
+    save_rollouts: bool = False
+    """Write every step's samples (prompt and response ids, text, log-probs, reward) to
+    output_dir/rollouts/step_N.jsonl."""
 
     def __post_init__(self):
+        if self.actor_timeout_s <= 0:
+            raise ConfigError(f"trainer.actor_timeout_s = {self.actor_timeout_s} must be > 0 (seconds an actor may "
+                              "leave a liveness probe unanswered; 120 is a good default).")
+        if self.max_restarts < 0:
+            raise ConfigError(f"trainer.max_restarts = {self.max_restarts} must be >= 0 (0: any lost actor stops "
+                              "the run).")
         if self.max_staleness != "auto" and (isinstance(self.max_staleness, bool)
                                              or not isinstance(self.max_staleness, int) or self.max_staleness < 0):
             raise ConfigError(f"trainer.max_staleness = {self.max_staleness!r} is not valid: use an integer >= 0 "
@@ -494,6 +511,32 @@ class RayConfig:
     """CPUs a local Ray may use (null: all)."""
     loopback_only: bool = True
     """A local Ray (no address) listens on 127.0.0.1 only, so no other machine can reach it; false binds its ports on every interface (Ray's default; see docs/CLUSTER.md)."""
+    rollout_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray custom resources added to each rollout actor's request, e.g. {rollout_node: 1} to run them on nodes started with `ray start --resources '{"rollout_node": 4}'`."""
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    """The same for each learner actor."""
+    placement_strategy: str = "PACK"
+    """The Ray placement group of the run's actors (one bundle per actor, rl/placement.py): PACK (as few nodes as possible), SPREAD (as many as possible), STRICT_SPREAD (each actor on a node of its own)."""
+    placement_timeout_s: float = 120.0
+    """How long to wait for Ray to reserve the placement group before stopping with what was asked and what the cluster has (raise it while autoscaled nodes join)."""
+
+    def __post_init__(self):
+        _choice("ray.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
+        if self.placement_timeout_s <= 0:
+            raise ConfigError(f"ray.placement_timeout_s = {self.placement_timeout_s} must be > 0 (seconds to wait "
+                              "for the cluster to reserve the actors' resources).")
+        for name in ("rollout_resources", "learner_resources"):
+            for key, amount in getattr(self, name).items():
+                if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                    raise ConfigError(f"ray.{name} = {dict(getattr(self, name))}: {key!r} is one of Ray's built-in "
+                                      "resources, which rl/actors.py sets per actor (one GPU each, or a share); list "
+                                      "only custom resources here, e.g. {rollout_node: 1}.")
+                if not amount > 0:
+                    raise ConfigError(f"ray.{name}.{key} = {amount} must be > 0: each actor asks for that much of "
+                                      f"{key!r}; remove the key to ask for none.")
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass

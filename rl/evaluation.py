@@ -40,7 +40,11 @@ class Evaluator:
         start = time.perf_counter()
         requests = [SampleRequest(i, p.token_ids) for i, p in enumerate(self.prompts)]
         results = self.rollout.generate(requests, group_size=k, max_new_tokens=self.config.rollout.max_new_tokens,
-                                        temperature=e.temperature, top_p=1.0, extra_args=extra_args)
+                                        temperature=e.temperature, top_p=1.0, extra_args=extra_args,
+                                        # the same noise at every evaluation: differences between
+                                        # two evaluations come from the weights, and training's
+                                        # own sampling noise does not depend on them
+                                        seed=(self.config.trainer.seed + 2**30) % 2**31)
         samples = sorted((s for r in results for s in r.samples), key=lambda s: (s.group_id, s.sample_index))
         columns = reward_columns(self.prompts, samples)
         scored = self.rewards.score([self.prompts[s.group_id].text for s in samples],

@@ -30,6 +30,8 @@ class PendingRollout:
     data_state: dict
     """The prompt source's position before these prompts were drawn: a checkpoint taken while
     this batch is in flight resumes from here, so its prompts are generated again, not lost."""
+    batch_index: int
+    """Generation batches submitted before this one in the run (its sampling seed derives from it)."""
 
 
 class StepSampler:
@@ -41,16 +43,22 @@ class StepSampler:
         self.config, self.objective = config, objective
         self.prompts, self.rollout, self.rewards = prompts, rollout, rewards
         self.max_response_len = max_response_len
+        self.batches_submitted = 0
+        """Generation batches submitted so far (checkpointed with the data position)."""
 
     def submit(self, extra_args: dict | None) -> PendingRollout:
-        """Draw the next prompts_per_step prompts and start sampling them."""
+        """Draw the next prompts_per_step prompts and start sampling them, with a sampling seed
+        that depends only on trainer.seed and the batch's index in the run (exact resume)."""
         r = self.config.rollout
         data_state = self.prompts.state_dict()
         prompts = self.prompts.next_batch()
         requests = [SampleRequest(i, p.token_ids) for i, p in enumerate(prompts)]
+        index = self.batches_submitted
+        self.batches_submitted += 1
         handle = self.rollout.submit(requests, group_size=r.group_size, max_new_tokens=r.max_new_tokens,
-                                     temperature=r.temperature, top_p=r.top_p, extra_args=extra_args)
-        return PendingRollout(prompts, handle, time.perf_counter(), data_state)
+                                     temperature=r.temperature, top_p=r.top_p, extra_args=extra_args,
+                                     seed=rollout_seed(self.config.trainer.seed, index))
+        return PendingRollout(prompts, handle, time.perf_counter(), data_state, index)
 
     def collect(self, first: PendingRollout, extra_args: dict | None) -> ScoredBatch:
         """Wait for `first`, score it, and under dynamic sampling (DAPO, arXiv:2503.14476) drop
@@ -137,6 +145,12 @@ class StepSampler:
             return False
         return bool(self.objective.keep_groups(torch.tensor(rewards, dtype=torch.float64),
                                                torch.zeros(len(rewards), dtype=torch.long)).all())
+
+
+def rollout_seed(seed: int, batch_index: int) -> int:
+    """The sampling seed of the run's batch_index-th generation batch (RolloutGroup adds the
+    worker's index): distinct per batch, the same in a straight and a resumed run."""
+    return (seed * 1_000_003 + batch_index * 7919 + 1) % 2**31
 
 
 def _rollout_stats(stats: list) -> dict:

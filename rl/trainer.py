@@ -12,15 +12,17 @@ import ray
 import torch
 from tqdm import tqdm
 
-from rl import checkpoints, perf
+from rl import checkpoints, perf, placement
 from rl.batches import ScoredBatch, make_train_shards
 from rl.config import config_to_dict
 from rl.errors import ConfigError, SyncError, TrainingError
 from rl.metrics import MetricsLogger
 from rl.preemption import at_step_end
+from rl.recovery import Restarts, rebuild_learners, replace_rollout_worker
 from rl.sampling import PendingRollout, StepSampler
 from rl.staleness import StalenessControl, staleness_metrics
 from rl.step_metrics import summary_line
+from rl.supervision import ActorLost, Watched, supervised_get
 
 STATE_FILE = "trainer_state.json"
 
@@ -39,31 +41,34 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(config_to_dict(c)), self.out / "config.yaml")
         self.setup_objective()
-        self.start_step = 0
+        random.seed(c.trainer.seed)
+        # What a rollback to the run's start restores (a learner lost before any checkpoint).
+        self.initial_state = {"step": 0, "data": prepared.prompts.state_dict(), "python_rng": random.getstate(),
+                              "rollout_extra_args": self.rollout_extra_args, "batches_submitted": 0}
         resume = checkpoints.resolve_resume(c.trainer.resume_from, c.trainer.output_dir)[0]  # null, auto or a path
-        if resume:
-            state = json.loads((Path(resume) / STATE_FILE).read_text())
-            self.start_step = int(state["step"])
-            prepared.prompts.load_state_dict(state["data"])
-            self.rollout_extra_args = state.get("rollout_extra_args", self.rollout_extra_args)
-            random.setstate(_tuple_state(state["python_rng"]))
-        else:
-            random.seed(c.trainer.seed)
+        state = json.loads((Path(resume) / STATE_FILE).read_text()) if resume else None
+        self.start_step = int(state["step"]) if state else 0  # the rest of the state: restore_driver_state
+        self.rollback_checkpoint: Path | None = Path(resume) if resume else None
+        """Where lost learners are rebuilt from: this run's newest checkpoint (rl/recovery.py)."""
         self.logger = MetricsLogger(self.out, loggers=c.trainer.loggers, config=config_to_dict(c))
         # A fresh run in an old output_dir starts a fresh metrics.jsonl; a resumed one drops
         # the rows logged after its checkpoint. Either way each step appears once.
         self.logger.truncate_after(self.start_step)
 
-        # Rollout engines are re-seeded on resume so a continued run does not replay samples.
+        # The engines' own seeds no longer decide what they sample: every rollout reseeds them
+        # (rl/sampling.py rollout_seed); they still seed vLLM's start-up.
         rollout_seed = c.trainer.seed + 7919 * self.start_step
         processor = self.objective.rollout_logits_processor
         self.rollout = RolloutGroup(c, prepared.model_path, rollout_seed,
                                     logits_processors=[processor] if processor else None)
+        self.rollout.on_lost = lambda index, cause: replace_rollout_worker(self, index, cause)
+        self.restarts = Restarts(c.trainer.max_restarts)
         full_ft_resume = resume if (resume and c.model.lora.rank == 0) else None
         self.learners = LearnerGroup(c, prepared.model_path, init_weights_path=full_ft_resume)
         self.write_placement()
         self.weight_sync = WeightSync(weight_sync_method(c), self.learners.full_weight_readers,
-                                      self.rollout.workers, int(c.rollout.weight_bucket_mb * 2**20))
+                                      self.rollout.workers, int(c.rollout.weight_bucket_mb * 2**20),
+                                      c.trainer.actor_timeout_s)
         if resume:
             self.learners.call_all("load_training_state", resume)
         r = c.reward
@@ -79,6 +84,10 @@ class Trainer:
         self.rollout_peak = self.learners.rank0_result("peak_tflops") * (c.rollout.workers if gpus else 1)
         self.sampler = StepSampler(c, self.objective, prepared.prompts, self.rollout, self.rewards,
                                    self.max_response_len)
+        if resume:
+            self.restore_driver_state(state, Path(resume))
+        self.weights_version = self.start_step
+        """The version of the learner's weights: the updates applied so far."""
         self.staleness = StalenessControl(c.trainer)
         self.evaluator = None
         if c.trainer.eval_every:
@@ -97,13 +106,28 @@ class Trainer:
         if resume:  # rollout engines start from model.path; bring them up to date
             self.sync_weights(version=self.start_step)
 
-    def write_placement(self) -> None:
-        """output_dir/placement.json and a short table in the log: where every actor runs."""
+    def restore_driver_state(self, state: dict, checkpoint: Path | None) -> None:
+        """The driver's part of a checkpoint's trainer_state.json (`initial_state` for the run's
+        start): step, data position, RNG, the objective's sampling arguments, the count of
+        generation batches (sampling seeds) and the engines' admission policies."""
+        self.start_step = int(state["step"])
+        self.prepared.prompts.load_state_dict(state["data"])
+        self.rollout_extra_args = state.get("rollout_extra_args", self.rollout_extra_args)
+        random.setstate(_tuple_state(state["python_rng"]))
+        self.sampler.batches_submitted = int(state.get("batches_submitted", 0))
+        for i, w in enumerate(self.rollout.workers):
+            path = checkpoint / f"rollout_scheduler_{i}.pkl" if checkpoint else None
+            if path is not None and path.exists():
+                ray.get(w.load_scheduler_state.remote(path.read_bytes()))
+
+    def write_placement(self, quiet: bool = False) -> None:
+        """output_dir/placement.json and a short table in the log: where every actor runs
+        (rewritten when an actor is replaced)."""
         from rl.actors import placement
 
-        where = placement(self.rollout, self.learners)
+        self.placement = where = placement(self.rollout, self.learners)
         (self.out / "placement.json").write_text(json.dumps(where, indent=1))
-        for name, actors in where.items():
+        for name, actors in where.items() if not quiet else ():
             for a in actors:
                 tqdm.write(f"{name:>8} {a['rank']}: node {a['node_id'][:12]} ({a['node_ip']}) "
                            f"cpus {a['num_cpus']} gpus {a['num_gpus']}")
@@ -127,17 +151,27 @@ class Trainer:
     def fit(self) -> dict:
         c = self.config
         last: dict = {}
-        bar = tqdm(range(self.start_step + 1, c.trainer.total_steps + 1), desc="train",
-                   initial=self.start_step, total=c.trainer.total_steps, unit="step", dynamic_ncols=True)
+        bar = tqdm(desc="train", initial=self.start_step, total=c.trainer.total_steps, unit="step",
+                   dynamic_ncols=True)
         if self.evaluator is not None and self.start_step == 0:
             bar.set_description_str("evaluating before training")
             self.eval_before = self.evaluate(step=0)
-        for step in bar:
-            metrics = self.step(step, bar)
+        step = self.start_step + 1
+        while step <= c.trainer.total_steps:
+            try:
+                metrics = self.step(step, bar)
+            except ActorLost as lost:  # a learner (or an actor lost where no caller replaces it)
+                rebuild_learners(self, lost)  # rl/recovery.py: back to the newest checkpoint
+                step = self.start_step + 1
+                bar.n = self.start_step
+                bar.refresh()
+                continue
+            bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['response_length/mean']:.0f}")
             tqdm.write(summary_line(step, metrics))
             last = {"step": step, **metrics}
             at_step_end(self, step)  # after SIGTERM/SIGINT: checkpoint this step, raise Preempted (rl/preemption.py)
+            step += 1
         bar.close()
         return last
 
@@ -161,6 +195,7 @@ class Trainer:
         self.submit_ahead(step)  # later steps' rollouts run while the learner trains
         train_metrics, batch_stats = self.learners.wait(update)
         t_train = time.perf_counter() - t0
+        self.weights_version = step
         self.guard_non_finite(step, batch, train_metrics)
 
         bar.set_description_str(f"step {step}: sync")
@@ -174,8 +209,11 @@ class Trainer:
                                           [len(x.response_ids) for x in batch.samples],
                                           batch.metrics["time/generate"], self.rollout_peak),
                    "time/train": t_train, "time/step": time.perf_counter() - t_step}
-        if step == self.start_step + 1:
+        if step == 1:
             metrics.update(self.eval_before)
+        metrics.update(self.restarts.metrics())
+        if c.trainer.save_rollouts:
+            write_samples(self.out / "rollouts" / f"step_{step}.jsonl", batch)
         if self.evaluator is not None and (step % c.trainer.eval_every == 0 or step == c.trainer.total_steps):
             bar.set_description_str(f"step {step}: evaluating")
             metrics.update(self.evaluate(step))
@@ -200,13 +238,7 @@ class Trainer:
         if not skipped:
             return
         bad = self.out / "bad_steps"
-        bad.mkdir(exist_ok=True)
-        with (bad / f"step_{step}.jsonl").open("w") as f:
-            for s, r, v in zip(batch.samples, batch.rewards, batch.valid):
-                f.write(json.dumps({"group_id": s.group_id, "sample_index": s.sample_index, "prompt_ids": s.prompt_ids,
-                                    "response_ids": s.response_ids, "response_text": s.response_text,
-                                    "logprobs": s.logprobs, "reward": r, "valid": v,
-                                    "policy_version": s.policy_version}) + "\n")
+        write_samples(bad / f"step_{step}.jsonl", batch)
         tqdm.write(f"step {step}: loss {train_metrics.get('loss')} / grad norm {train_metrics.get('grad_norm')} "
                    f"is not finite; the update was not applied (samples in {bad / f'step_{step}.jsonl'})")
         if self.skipped_in_a_row >= self.config.trainer.max_skipped_steps:
@@ -247,12 +279,21 @@ class Trainer:
 
         With rollouts in flight (max_staleness > 0) the engines load the weights after them,
         so the check is submitted now and verified before any sample of this version trains.
+        An engine lost during the sync is replaced (with a full sync and check of its own) and
+        the sync is sent again: a load is idempotent.
         """
         t0 = time.perf_counter()
         in_flight = bool(self.ahead)
         if in_flight and self.config.rollout.partial:
             self.rollout.interrupt()  # the loads need not wait for the longest sequences
-        metrics = self.weight_sync.transfer(version, wait=not in_flight)
+        while True:
+            try:
+                metrics = self.weight_sync.transfer(version, wait=not in_flight)
+                break
+            except ActorLost as lost:
+                if lost.role != "rollout":
+                    raise
+                replace_rollout_worker(self, lost.index, lost.cause)
         self.submit_check(version)
         if not in_flight:
             self.verify_pending_syncs(up_to=version)
@@ -265,34 +306,74 @@ class Trainer:
         each check is one prefill per side (teacher-forced), not 16 decode steps followed by
         the learner's pass.
         """
-        if self.canary_tokens is None:
-            self.canary_tokens, _ = ray.get(self.rollout.workers[0].canary.remote(self.canary_ids))
-        engine_refs = [w.score.remote(self.canary_ids, self.canary_tokens) for w in self.rollout.workers]
+        self.sample_canary()
+        engine_calls = [Watched("rollout", i, w, w.score.remote(self.canary_ids, self.canary_tokens))
+                        for i, w in enumerate(self.rollout.workers)]
         learner_ref = self.learners.submit_rank0("score", self.canary_ids, self.canary_tokens)
-        self.pending_checks.append((version, engine_refs, learner_ref))
+        self.pending_checks.append((version, engine_calls, learner_ref))
+
+    def sample_canary(self) -> None:
+        while self.canary_tokens is None:
+            w = self.rollout.workers[0]
+            try:
+                self.canary_tokens, _ = supervised_get([Watched("rollout", 0, w, w.canary.remote(self.canary_ids))],
+                                                       self.config.trainer.actor_timeout_s)[0]
+            except ActorLost as lost:
+                replace_rollout_worker(self, lost.index, lost.cause)
 
     def verify_pending_syncs(self, up_to: int) -> None:
-        """Check every submitted sync of version <= up_to; SyncError on a mismatch."""
+        """Check every submitted sync of version <= up_to; SyncError on a mismatch. An engine
+        lost meanwhile is replaced; its replacement was checked when it was brought up."""
         due = [p for p in self.pending_checks if p[0] <= up_to]
         self.pending_checks = [p for p in self.pending_checks if p[0] > up_to]
-        loads = self.weight_sync.finish() if due else {}
-        for version, engine_refs, learner_ref in due:
+        loads = {}
+        while due:
+            try:
+                loads = self.weight_sync.finish()
+                break
+            except ActorLost as lost:
+                if lost.role != "rollout":
+                    raise
+                replace_rollout_worker(self, lost.index, lost.cause)
+        for version, engine_calls, learner_ref in due:
             learner_lp = self.learners.wait(learner_ref)
             diffs = []
-            for i, rollout_lp in enumerate(ray.get(engine_refs)):
-                d = [abs(a - b) for a, b in zip(rollout_lp, learner_lp)]
-                diffs.extend(d)
-                # The max catches one badly wrong token; the mean (a quarter of the tolerance)
-                # catches a small shift of every token that rounding noise does not produce.
-                if max(d) > self.sync_tolerance or sum(d) / len(d) > self.sync_tolerance / 4:
-                    raise SyncError(
-                        f"Weight sync check failed on rollout worker {i} (weights version {version}): the engine's "
-                        f"log-probs of the canary continuation differ from the learner's by up to {max(d):.4g} "
-                        f"(mean {sum(d) / len(d):.4g}; tolerance {self.sync_tolerance:g} for the max, a quarter "
-                        f"of it for the mean, trainer.sync_tolerance). The rollout engine is not running the "
-                        f"learner's weights; training on its samples would be silently off-policy.")
-            self.last_check = {**loads, "sync/max_logprob_diff": max(diffs),
-                               "sync/mean_logprob_diff": sum(diffs) / len(diffs), "sync/checked_version": float(version)}
+            for call in engine_calls:
+                if call.actor is not self.rollout.workers[call.index]:
+                    continue  # replaced since: checked then
+                try:
+                    rollout_lp = supervised_get([call], self.config.trainer.actor_timeout_s)[0]
+                except ActorLost as lost:
+                    replace_rollout_worker(self, lost.index, lost.cause)
+                    continue
+                diffs.extend(self.compare_canary(call.index, version, rollout_lp, learner_lp))
+            if diffs:
+                self.last_check = {**loads, "sync/max_logprob_diff": max(diffs),
+                                   "sync/mean_logprob_diff": sum(diffs) / len(diffs),
+                                   "sync/checked_version": float(version)}
+
+    def check_engine(self, index: int, version: int) -> None:
+        """The canary check of one engine (a replacement) against the learner, now."""
+        self.sample_canary()
+        w = self.rollout.workers[index]
+        engine_lp = supervised_get([Watched("rollout", index, w, w.score.remote(self.canary_ids, self.canary_tokens))],
+                                   self.config.trainer.actor_timeout_s)[0]
+        learner_lp = self.learners.rank0_result("score", self.canary_ids, self.canary_tokens)
+        self.compare_canary(index, version, engine_lp, learner_lp)
+
+    def compare_canary(self, index: int, version: int, rollout_lp: list[float], learner_lp: list[float]) -> list:
+        """|engine - learner| log-prob per canary token; SyncError when over the tolerance."""
+        d = [abs(a - b) for a, b in zip(rollout_lp, learner_lp)]
+        # The max catches one badly wrong token; the mean (a quarter of the tolerance)
+        # catches a small shift of every token that rounding noise does not produce.
+        if max(d) > self.sync_tolerance or sum(d) / len(d) > self.sync_tolerance / 4:
+            raise SyncError(
+                f"Weight sync check failed on rollout worker {index} (weights version {version}): the engine's "
+                f"log-probs of the canary continuation differ from the learner's by up to {max(d):.4g} "
+                f"(mean {sum(d) / len(d):.4g}; tolerance {self.sync_tolerance:g} for the max, a quarter "
+                f"of it for the mean, trainer.sync_tolerance). The rollout engine is not running the "
+                f"learner's weights; training on its samples would be silently off-policy.")
+        return d
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -303,11 +384,17 @@ class Trainer:
         # Rollouts in flight for later steps are not in the checkpoint: a resume draws their
         # prompts again (the data position before the oldest of them), so none is lost or repeated.
         data = self.ahead[0].data_state if self.ahead else self.prepared.prompts.state_dict()
-        state = {"step": step, "data": data, "python_rng": random.getstate(),
+        batches = self.ahead[0].batch_index if self.ahead else self.sampler.batches_submitted
+        state = {"step": step, "data": data, "python_rng": random.getstate(), "batches_submitted": batches,
                  "config": config_to_dict(self.config), "rollout_extra_args": self.rollout_extra_args}
+        if not self.ahead:  # (with rollouts in flight the policies are mid-rollout; exactness is for k = 0)
+            calls = [Watched("rollout", i, w, w.scheduler_state.remote()) for i, w in enumerate(self.rollout.workers)]
+            for i, blob in enumerate(supervised_get(calls, self.config.trainer.actor_timeout_s)):
+                (tmp / f"rollout_scheduler_{i}.pkl").write_bytes(blob)
         (tmp / STATE_FILE).write_text(json.dumps(state))
         checkpoints.commit(tmp, path)
         self.last_saved_step = step
+        self.rollback_checkpoint = path
         return path
 
     def close(self) -> None:
@@ -315,6 +402,18 @@ class Trainer:
         self.logger.close()
         self.rollout.shutdown()
         self.learners.shutdown()
+        placement.release()  # the actors' placement group (rl/placement.py)
+
+
+def write_samples(path: Path, batch: ScoredBatch) -> None:
+    """A step's samples as JSON lines: ids, text, behavior log-probs, reward, version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for s, r, v in zip(batch.samples, batch.rewards, batch.valid):
+            f.write(json.dumps({"group_id": s.group_id, "sample_index": s.sample_index, "prompt_ids": s.prompt_ids,
+                                "response_ids": s.response_ids, "response_text": s.response_text,
+                                "logprobs": s.logprobs, "reward": r, "valid": v,
+                                "policy_version": s.policy_version}) + "\n")
 
 
 def _tuple_state(state):

@@ -17,14 +17,20 @@ import time
 import ray
 
 from rl.errors import SyncError
+from rl.supervision import Watched, supervised_get
 
 
 class WeightSync:
     """Learner rank 0 -> rollout engines; `transfer()` once per step."""
 
-    def __init__(self, method: str, learners: list, rollout_workers: list, bucket_bytes: int):
+    def __init__(self, method: str, learners: list, rollout_workers: list, bucket_bytes: int,
+                 timeout_s: float = 120.0):
         """learners: [rank 0] when it holds the whole model; every rank, rank 0 first, when the
-        model is sharded (fsdp): they all take part in gathering the weights, rank 0 sends."""
+        model is sharded (fsdp): they all take part in gathering the weights, rank 0 sends.
+        rollout_workers: RolloutGroup.workers itself (a replaced worker appears here in place).
+        timeout_s: trainer.actor_timeout_s; a lost actor raises ActorLost (rl/supervision.py)."""
+        self.timeout_s = timeout_s
+        self.bucket_bytes = bucket_bytes
         if method not in ("object_store", "broadcast"):
             raise ValueError(f"weight sync method {method!r}: use object_store or broadcast")
         self.method = method
@@ -66,19 +72,43 @@ class WeightSync:
             loads = loads[:len(receives)]
             t_export = sent["seconds"]
         else:
-            weights = self.learner.export_flat_weights.remote()
-            gathers = [h.export_flat_weights.remote() for h in self.gathering_ranks]
-            ray.wait([weights], fetch_local=False)
-            t_export = time.perf_counter() - t0
-            load_refs = [w.load_weights.remote(weights, version) for w in self.workers]
-            ray.get(gathers)
-            del weights
-            if not wait:
-                self.deferred.append((load_refs, t0))
-                return {"sync/export_seconds": t_export, "sync/deferred": 1.0}
-            loads = ray.get(load_refs)
+            loads = self._object_store(range(len(self.workers)), version, wait)
+            if loads is None:
+                return {"sync/export_seconds": self._t_export, "sync/deferred": 1.0}
+            t_export = self._t_export
         seconds = time.perf_counter() - t0
         return {**_load_metrics(loads, seconds), "sync/export_seconds": t_export, "sync/deferred": 0.0}
+
+    def transfer_to(self, index: int, version: int) -> dict[str, float]:
+        """A full sync of one engine (a replacement for a lost one): the current weights as
+        `version`, waited for. The broadcast's process group was formed with the engines of
+        the start and cannot take a new member, so that transport cannot replace one."""
+        if self.method == "broadcast":
+            raise SyncError("rollout.weight_sync = broadcast: the weight broadcast's process group cannot take a "
+                            "replacement engine for a lost one. Resume the run (it forms a new group), or use "
+                            "rollout.weight_sync: object_store, which replaces lost engines in place.")
+        t0 = time.perf_counter()
+        loads = self._object_store([index], version, wait=True)
+        return _load_metrics(loads, time.perf_counter() - t0)
+
+    def _object_store(self, indices, version: int, wait: bool) -> list[dict] | None:
+        """Export once into the object store, load into engines `indices`; the loads' results,
+        or None when deferred (wait=False)."""
+        t0 = time.perf_counter()
+        weights = self.learner.export_flat_weights.remote()
+        gathers = [h.export_flat_weights.remote() for h in self.gathering_ranks]
+        supervised_get([Watched("learner", 0, self.learner, weights)], self.timeout_s, fetch=False)
+        self._t_export = time.perf_counter() - t0
+        loads = [Watched("rollout", i, self.workers[i], self.workers[i].load_weights.remote(weights, version))
+                 for i in indices]
+        supervised_get([Watched("learner", r + 1, h, ref) for r, (h, ref) in enumerate(zip(self.gathering_ranks,
+                                                                                              gathers))],
+                       self.timeout_s, fetch=False)
+        del weights
+        if not wait:
+            self.deferred.append((loads, t0))
+            return None
+        return supervised_get(loads, self.timeout_s)
 
     def finish(self) -> dict[str, float]:
         """Wait for the deferred loads (raises what a failed load raised); the sync/* metrics
@@ -86,8 +116,13 @@ class WeightSync:
         the wait behind the rollouts in flight included)."""
         metrics: dict[str, float] = {}
         while self.deferred:
-            load_refs, t0 = self.deferred.pop(0)
-            metrics = _load_metrics(ray.get(load_refs), time.perf_counter() - t0)
+            loads, t0 = self.deferred[0]
+            # still the engines they were sent to: a replaced engine had a full sync instead
+            loads = [c for c in loads if c.actor is self.workers[c.index]]
+            results = supervised_get(loads, self.timeout_s)  # ActorLost leaves them queued
+            self.deferred.pop(0)
+            if results:
+                metrics = _load_metrics(results, time.perf_counter() - t0)
         return metrics
 
 

@@ -183,6 +183,9 @@ class RolloutWorker:
         self.record_timeline = False  # benchmarks: per-step KV in stats.extra["timeline"]
         self._request_counter = 0
         self.policy_version = 0  # weight syncs loaded so far; stamped on every sample
+        # All-or-nothing sync: False from the start of a weight load until it completed. An engine
+        # whose load failed part-way holds a mix of two versions and must not sample.
+        self.weights_complete = True
         # Set by `interrupt` (another thread of the actor): the rollout in flight stops early so
         # that a weight update need not wait for its longest sequences; a load clears it.
         self._interrupt = threading.Event()
@@ -207,14 +210,19 @@ class RolloutWorker:
 
     def generate(self, requests: list[SampleRequest], group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0,
-                 extra_args: dict | None = None, interruptible: bool = False) -> RolloutResult:
+                 extra_args: dict | None = None, interruptible: bool = False,
+                 seed: int | None = None) -> RolloutResult:
         """Sample `group_size` responses for every request.
 
         Every one of the len(requests) x group_size samples comes back exactly once, in
         (request, sample_index) order, whatever order the policy admitted them in: in `samples`,
         or, when `interruptible` and `interrupt()` stopped the rollout, in `unfinished`.
+        seed: reseed the sampler first (`reseed`), so this call's randomness does not depend
+        on what the engine ran before it.
         """
         from vllm import SamplingParams
+
+        self._before_sampling(seed)
 
         from rollout.executor import run_rollout
         from scheduling import Seq
@@ -255,11 +263,14 @@ class RolloutWorker:
         return RolloutResult(samples, stats, unfinished)
 
     def resume(self, partials: list[PartialSample], temperature: float = 1.0, top_p: float = 1.0,
-               extra_args: dict | None = None, interruptible: bool = False) -> RolloutResult:
+               extra_args: dict | None = None, interruptible: bool = False,
+               seed: int | None = None) -> RolloutResult:
         """Continue interrupted samples from their prefixes under the current weights (vLLM
         recomputes the prefix's KV). Each comes back whole: response = prefix + continuation,
         with the weights version of every token; one interrupted again comes back unfinished."""
         from vllm import SamplingParams
+
+        self._before_sampling(seed)
 
         from rollout.executor import run_rollout
         from scheduling import Seq
@@ -304,6 +315,41 @@ class RolloutWorker:
                                       versions))
         return RolloutResult(samples, stats_all, unfinished)
 
+    def _before_sampling(self, seed: int | None) -> None:
+        if not self.weights_complete:
+            raise RuntimeError(f"rollout engine refuses to sample: its last weight load (after version "
+                               f"{self.policy_version}) failed part-way, so it holds a mix of two versions; "
+                               f"it needs a full sync first")
+        if seed is not None:
+            self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Seed the sampler's generator. vLLM draws a batch's sampling noise from the device's
+        default generator in batch order (per-request seeds crash the CPU backend), so seeding
+        it before every rollout makes the rollout's randomness a function of its seed alone,
+        not of how many tokens the engine drew before: a resumed run samples what the straight
+        one did."""
+        import random
+
+        import numpy as np
+        import torch
+
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def scheduler_state(self) -> bytes:
+        """The admission policy, its learned length predictor included, as bytes (checkpoints:
+        it decides the order in which requests run, and so which noise each one draws)."""
+        import pickle
+
+        return pickle.dumps(self.policy)
+
+    def load_scheduler_state(self, state: bytes) -> None:
+        import pickle
+
+        self.policy = pickle.loads(state)
+
     def interrupt(self) -> None:
         """Stop the rollout in flight at its next engine step (its unfinished samples come back
         as PartialSample); called from the actor's control thread while `generate` runs."""
@@ -320,9 +366,11 @@ class RolloutWorker:
         start = time.perf_counter()
         self._interrupt.clear()  # the update the interrupt made way for is here
         named_tensors = as_named_tensors(weights)
+        self.weights_complete = False
         self.engine.collective_rpc(load_weights_into_worker, args=(named_tensors,))
         # Cached prefixes were computed with the old weights.
         self.engine.reset_prefix_cache()
+        self.weights_complete = True
         if version is not None:
             self.policy_version = version
         nbytes = sum(t.numel() * t.element_size() for t in named_tensors.values())
@@ -345,11 +393,13 @@ class RolloutWorker:
         self._interrupt.clear()  # the update the interrupt made way for is here
         update = dict(names=[m.name for m in metas], dtype_names=[m.dtype for m in metas],
                       shapes=[list(m.shape) for m in metas])
+        self.weights_complete = False
         self.engine.collective_rpc("start_weight_update")
         self.engine.collective_rpc("update_weights", args=(update,))
         self.engine.collective_rpc("finish_weight_update")
         self.engine.collective_rpc(repack_tied_lm_head)
         self.engine.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        self.weights_complete = True
         if version is not None:
             self.policy_version = version
         return {"seconds": time.perf_counter() - start, "bytes": float(sum(m.nbytes for m in metas))}

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny models built on the fly (no hub, seconds)."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 
@@ -37,3 +40,13 @@ def make_learner():
                        temperature=c.rollout.temperature, seed=c.trainer.seed, **kwargs)
 
     return build
+
+
+@pytest.fixture
+def ray_tmp():
+    # short: Ray's socket paths under it must stay below the 107-byte limit of AF_UNIX
+    path = Path(tempfile.mkdtemp(prefix="rlp", dir="/tmp"))
+    yield path
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

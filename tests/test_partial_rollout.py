@@ -59,8 +59,10 @@ def test_interrupt_reaches_a_rollout_in_flight_through_the_actor(tiny_model_dir)
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
-        actor = RolloutActor.remote(tiny_model_dir, dtype="float32", max_model_len=512,
-                                    gpu_memory_utilization=0.05, seed=0)
+        from rl.config import RolloutConfig
+
+        actor = RolloutActor.remote(tiny_model_dir, RolloutConfig(gpu_memory_utilization=0.05),
+                                    dtype="float32", max_model_len=512, seed=0)
         ray.get(actor.ready.remote())
         requests = [SampleRequest(g, [5 + g, 6, 7, 8]) for g in range(8)]
         rollout = actor.generate.remote(requests, group_size=8, max_new_tokens=400, interruptible=True)
