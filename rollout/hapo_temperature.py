@@ -13,8 +13,11 @@ request's temperature T (argmax-invariant processors such as min-p run after tha
 This processor therefore declares itself non-argmax-invariant so that it sees the raw logits
 z, and divides row b by T_t / T; the engine's division by T then leaves z / T_t. With T = 1
 (the default) the ratio is T_t itself and the result is bit-identical to z / T_t.
-The log-probs vLLM returns are computed from the raw logits before any processor
-(``logprobs_mode=raw_logprobs``), so the learner's comparison is unaffected.
+The rollout worker asks vLLM for ``logprobs_mode=processed_logprobs``: the sampled tokens'
+log-probs are those of z / T_t, the behavior policy that the learner's off-policy correction
+weighs against its own log-probs at T (docs/ALGORITHMS.md, HAPO: the importance ratio uses the
+global T). The entropy scored here is that of the raw z, the same the learner's statistics
+are computed from (``logits_entropy``; tests/test_hapo_consistency.py).
 
 Per-request parameters travel in ``SamplingParams.extra_args[EXTRA_ARGS_KEY]``:
 ``{"tau": float, "stats": EntropyStats.to_dict() or None, "record": bool (tests)}``. They are

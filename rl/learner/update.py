@@ -71,6 +71,9 @@ class PolicyUpdate:
         self.config = learner
         self.objective = objective
         self.temperature = temperature
+        self.entropy_temperature = 1.0 if objective.entropy_of_raw_logits else temperature
+        """Temperature of the entropies the objective gets (loss, batch_stats): 1 (raw logits)
+        for HAPO, whose rollout processor scores raw logits; the sampling one otherwise."""
         self.group = group
         self.micro_batches = MicroBatcher(policy, learner.resolved_layout, learner.micro_batch_tokens,
                                           learner.packed_row_tokens)
@@ -239,7 +242,7 @@ class PolicyUpdate:
         with torch.no_grad():
             for _, mb, _, _ in self.micro_batches(batch.prompt_ids, batch.response_ids):
                 with policy.autocast():
-                    _, ent = response_logprobs(policy.net, mb, self.temperature, with_entropy=True)
+                    _, ent = response_logprobs(policy.net, mb, self.entropy_temperature, with_entropy=True)
                 values.append(ent[mb.response_mask].double())
         local = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64, device=policy.device)
         everything = self.group.all_gather_1d(local).cpu()
@@ -328,6 +331,13 @@ class PolicyUpdate:
             with policy.autocast():
                 # entropy is a logged metric for every objective
                 logp, entropy = response_logprobs(policy.net, mb, self.temperature, with_entropy=True)
+                if self.entropy_temperature != self.temperature and obj.needs_entropy:
+                    # the objective scores raw-logit entropies (HAPO): no gradient flows through them
+                    with torch.no_grad():
+                        _, objective_entropy = response_logprobs(policy.net, mb, self.entropy_temperature,
+                                                                 with_entropy=True)
+                else:
+                    objective_entropy = entropy
                 ref_logp = None
                 if obj.needs_ref:
                     ref_model, ctx = policy.reference()
@@ -344,9 +354,9 @@ class PolicyUpdate:
                 log_w = behavior_log_weight(old_logp, rollout_lp, mask)
             if correction.mode != "none":
                 weight = obj.behavior_weights(log_w, mask, correction.mode, correction.cap,
-                                              entropy=entropy.detach() if entropy is not None else None)
+                                              entropy=objective_entropy.detach() if entropy is not None else None)
             loss, metrics = obj.loss(logp, old_logp, adv, mask, ref_logp=ref_logp,
-                                     entropy=entropy if obj.needs_entropy else None,
+                                     entropy=objective_entropy if obj.needs_entropy else None,
                                      norm=norm, batch_stats=batch_stats, behavior_weight=weight)
             loss.backward()
             total_loss += float(loss.detach())

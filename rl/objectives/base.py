@@ -88,6 +88,12 @@ class Objective:
         """True when ``loss`` needs per-token ``entropy`` [N, T] of the current policy."""
         return False
 
+    entropy_of_raw_logits: bool = False
+    """True when the ``entropy`` that ``loss`` and ``batch_stats`` get is that of the raw logits
+    (temperature 1), not of the logits divided by the sampling temperature: the learner then
+    computes it so when rollout.temperature != 1 (HAPO, whose rollout processor scores raw
+    logits)."""
+
     # ------------------------------------------------------------ driver hooks
     # The trainer calls these on every objective; the defaults do nothing.
 

@@ -95,6 +95,18 @@ def entropy_score(entropy: Tensor, stats: EntropyStats) -> Tensor:
     return torch.where(h > 0, pos, neg).clamp(-1.0, 1.0)
 
 
+def logits_entropy(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) per row: logits [..., V] (any float dtype) -> [...] float32.
+
+    The entropy HAPO scores, on both sides: the rollout's processor on the raw next-token logits
+    of a decoding step (`adaptive_temperature`), the learner on the raw logits of the training
+    forward (rl.learner.update with `Objective.entropy_of_raw_logits`), so that EntropyStats
+    computed by the learner place the rollout's entropies on the same scale."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
 def adaptive_temperature(logits: Tensor, stats: Optional[EntropyStats], base_temperature: float,
                          tau: float = 0.05) -> Tensor:
     """Per-row sampling temperature T_t = T * (1 + tau * ĥ_t) -> [B].
@@ -106,10 +118,7 @@ def adaptive_temperature(logits: Tensor, stats: Optional[EntropyStats], base_tem
     if stats is None:
         return torch.full(logits.shape[:-1], float(base_temperature), dtype=torch.float32,
                           device=logits.device)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    ent = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
-    return base_temperature * (1.0 + tau * entropy_score(ent, stats))
+    return base_temperature * (1.0 + tau * entropy_score(logits_entropy(logits), stats))
 
 
 def hapo_token_advantage(rewards: Tensor, group: Tensor, mask: Tensor, fallback: float = 5.0,
@@ -204,6 +213,10 @@ class HAPO(Objective):
     def needs_batch_stats(self) -> bool:
         return True
 
+    #: ĥ is scored on the entropy of the raw logits on both sides: the rollout processor sees
+    #: them before vLLM divides by T, so the learner's statistics and per-token ĥ must too.
+    entropy_of_raw_logits = True
+
     def batch_stats(self, mask: Tensor, entropy: Optional[Tensor] = None) -> EntropyStats:
         """EntropyStats over all valid tokens of the FULL batch (also what rollout workers get)."""
         if entropy is None:
@@ -251,5 +264,5 @@ class HAPO(Objective):
         return pg, metrics
 
 
-__all__ = ["HAPO", "EntropyStats", "entropy_stats", "entropy_score", "adaptive_temperature",
+__all__ = ["HAPO", "EntropyStats", "entropy_stats", "entropy_score", "logits_entropy", "adaptive_temperature",
            "hapo_token_advantage", "hapo_token_loss"]
