@@ -19,3 +19,18 @@ class SyncError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); the message says why and how to resume."""
+
+
+def raised_in_actor(exc: BaseException | None) -> str | None:
+    """The message of a UserError that an actor raised in its constructor (rl/node_paths.py),
+    found in `exc`'s chain of causes, or None. Ray hands the driver an ActorDiedError that
+    carries the original error as text only (its traceback ends `rl.errors.UserError: ...`)."""
+    marker = f"{UserError.__module__}.{UserError.__name__}: "
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        text = str(exc)
+        if marker in text:
+            return text.rsplit(marker, 1)[1].splitlines()[0].strip()
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

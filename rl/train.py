@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from rl.config import Config, load_config
-from rl.errors import SyncError, TrainingError, UserError
+from rl.errors import SyncError, TrainingError, UserError, raised_in_actor
 
 
 @dataclass
@@ -44,7 +44,8 @@ def resolve_model_path(path: str) -> str:
         if not os.path.exists(os.path.join(expanded, "config.json")):
             raise UserError(f"model.path = {path!r} is a directory without config.json: "
                             f"point it at a Hugging Face model directory.")
-        return expanded
+        # absolute: the actors read it on their own nodes, from their own working directories
+        return os.path.abspath(expanded)
     if looks_local:
         raise UserError(f"model.path = {path!r} does not exist. Give a Hugging Face model directory, "
                         f"a hub name like Qwen/Qwen3-1.7B (needs internet), or demo:{DEMO_MODEL_NAME}.")
@@ -206,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # Preempted, or Ray's SystemError around it (rl/preemption.py)
             stopped = find_preempted(e)
             if stopped is None:
-                raise
+                message = raised_in_actor(e)  # e.g. model.path missing on an actor's node
+                if message is None:
+                    raise
+                print(f"error: {message}", file=sys.stderr)
+                return 2
             return _stopped(stopped, argv, config)
     return 0
 

