@@ -60,11 +60,12 @@ def _cpu_kv_cache_bytes(memory_fraction: float) -> int:
 CPU_BUDGET_BLOCK_SIZE = 32
 
 
-def budget_engine_blocks(kv_budget_tokens: int, block_size: int) -> int:
+def budget_engine_blocks(kv_budget_tokens: int, block_size: int, max_model_len: int = 1) -> int:
     """num_gpu_blocks_override for an engine that holds at most `kv_budget_tokens` KV tokens:
-    the whole blocks that fit the budget, plus vLLM's null block (block 0, never handed to a
-    request). Allocated tokens (blocks x block size) <= budget + one block."""
-    return max(kv_budget_tokens // block_size, 1) + 1
+    the whole blocks that fit the budget (but enough for one sequence of max_model_len, which
+    vLLM requires to start), plus vLLM's null block (block 0, never handed to a request).
+    Allocated tokens (blocks x block size) <= budget + one block when budget >= max_model_len."""
+    return max(kv_budget_tokens // block_size, -(-max_model_len // block_size), 1) + 1
 
 
 def _build_engine(engine_args, engine_kv_tokens: int | None):
@@ -80,8 +81,8 @@ def _build_engine(engine_args, engine_kv_tokens: int | None):
     from vllm.v1.executor import Executor
 
     config = engine_args.create_engine_config()
-    config.cache_config.num_gpu_blocks_override = budget_engine_blocks(engine_kv_tokens,
-                                                                       config.cache_config.block_size)
+    config.cache_config.num_gpu_blocks_override = budget_engine_blocks(
+        engine_kv_tokens, config.cache_config.block_size, config.model_config.max_model_len)
     return LLMEngine(vllm_config=config, executor_class=Executor.get_class(config),
                      log_stats=not engine_args.disable_log_stats, multiprocess_mode=False)
 

@@ -176,3 +176,12 @@ def test_continuous_interleaves_rounds_across_groups():
     assert [len(b) for b in batches] == [4, 4, 4]
     assert {s.split("_")[0] for s in batches[1]} == {"r0", "r1"}
     assert stats.peak_running == 4
+
+
+def test_budget_engine_blocks_fit_the_budget_and_one_sequence():
+    from rollout.worker import budget_engine_blocks
+
+    assert budget_engine_blocks(1000, 32) == 31 + 1  # whole blocks within the budget + null block
+    assert budget_engine_blocks(1024, 32) == 32 + 1
+    # a budget of exactly one 200-token sequence: 7 blocks (224 tokens), as vLLM needs to start
+    assert budget_engine_blocks(200, 32, max_model_len=200) == 7 + 1
