@@ -307,7 +307,7 @@ class Trainer:
         the learner's pass.
         """
         self.sample_canary()
-        engine_calls = [Watched("rollout", i, w, w.score.remote(self.canary_ids, self.canary_tokens))
+        engine_calls = [Watched("rollout", i, w, w.score.remote(self.canary_ids, self.canary_tokens), "score")
                         for i, w in enumerate(self.rollout.workers)]
         learner_ref = self.learners.submit_rank0("score", self.canary_ids, self.canary_tokens)
         self.pending_checks.append((version, engine_calls, learner_ref))
@@ -316,8 +316,8 @@ class Trainer:
         while self.canary_tokens is None:
             w = self.rollout.workers[0]
             try:
-                self.canary_tokens, _ = supervised_get([Watched("rollout", 0, w, w.canary.remote(self.canary_ids))],
-                                                       self.config.trainer.actor_timeout_s)[0]
+                call = Watched("rollout", 0, w, w.canary.remote(self.canary_ids), "canary")
+                self.canary_tokens, _ = supervised_get([call], self.config.trainer.actor_timeout_s)[0]
             except ActorLost as lost:
                 replace_rollout_worker(self, lost.index, lost.cause)
 
@@ -356,7 +356,8 @@ class Trainer:
         """The canary check of one engine (a replacement) against the learner, now."""
         self.sample_canary()
         w = self.rollout.workers[index]
-        engine_lp = supervised_get([Watched("rollout", index, w, w.score.remote(self.canary_ids, self.canary_tokens))],
+        engine_lp = supervised_get([Watched("rollout", index, w, w.score.remote(self.canary_ids, self.canary_tokens),
+                                           "score")],
                                    self.config.trainer.actor_timeout_s)[0]
         learner_lp = self.learners.rank0_result("score", self.canary_ids, self.canary_tokens)
         self.compare_canary(index, version, engine_lp, learner_lp)
@@ -388,7 +389,8 @@ class Trainer:
         state = {"step": step, "data": data, "python_rng": random.getstate(), "batches_submitted": batches,
                  "config": config_to_dict(self.config), "rollout_extra_args": self.rollout_extra_args}
         if not self.ahead:  # (with rollouts in flight the policies are mid-rollout; exactness is for k = 0)
-            calls = [Watched("rollout", i, w, w.scheduler_state.remote()) for i, w in enumerate(self.rollout.workers)]
+            calls = [Watched("rollout", i, w, w.scheduler_state.remote(), "scheduler_state")
+                     for i, w in enumerate(self.rollout.workers)]
             for i, blob in enumerate(supervised_get(calls, self.config.trainer.actor_timeout_s)):
                 (tmp / f"rollout_scheduler_{i}.pkl").write_bytes(blob)
         (tmp / STATE_FILE).write_text(json.dumps(state))

@@ -97,13 +97,14 @@ class WeightSync:
         t0 = time.perf_counter()
         weights = self.learner.export_flat_weights.remote()
         gathers = [h.export_flat_weights.remote() for h in self.gathering_ranks]
-        supervised_get([Watched("learner", 0, self.learner, weights)], self.timeout_s, fetch=False)
+        supervised_get([Watched("learner", 0, self.learner, weights, "export_flat_weights")], self.timeout_s,
+                       fetch=False)
         self._t_export = time.perf_counter() - t0
-        loads = [Watched("rollout", i, self.workers[i], self.workers[i].load_weights.remote(weights, version))
+        loads = [Watched("rollout", i, self.workers[i], self.workers[i].load_weights.remote(weights, version),
+                         "load_weights")
                  for i in indices]
-        supervised_get([Watched("learner", r + 1, h, ref) for r, (h, ref) in enumerate(zip(self.gathering_ranks,
-                                                                                              gathers))],
-                       self.timeout_s, fetch=False)
+        supervised_get([Watched("learner", r + 1, h, ref, "export_flat_weights")
+                        for r, (h, ref) in enumerate(zip(self.gathering_ranks, gathers))], self.timeout_s, fetch=False)
         del weights
         if not wait:
             self.deferred.append((loads, t0))
