@@ -13,7 +13,7 @@ from rl.learner import Learner, TrainBatch
 from rl.node_paths import require_on_this_node
 from rl.placement import placement_options
 from rollout.records import RolloutResult, SampleRequest
-from rl.supervision import ActorLost, Watched, supervised_get
+from rl.supervision import ActorLost, Watched, get_started, supervised_get
 from rollout.worker import RolloutWorker
 
 # Actor environment: quiet vLLM, no tokenizer thread pools fighting the model for 2 cores.
@@ -116,9 +116,14 @@ class LearnerActor(Learner):
 
 
 def _where() -> dict:
-    """This actor's node as Ray reports it, and its process id (what `ps` and `kill` take)."""
+    """This actor's node as Ray reports it, its process id (what `ps` and `kill` take) and the
+    threads its torch runs on (Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPU; the
+    workers raise it to the cores they may use, and this shows that they did)."""
+    import torch
+
     ctx = ray.get_runtime_context()
-    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def placement(rollout: "RolloutGroup", learners: "LearnerGroup") -> dict:
@@ -126,7 +131,7 @@ def placement(rollout: "RolloutGroup", learners: "LearnerGroup") -> dict:
     where every actor runs and what it reserved (written to output_dir/placement.json)."""
     out = {}
     for name, group in (("rollout", rollout), ("learner", learners)):
-        nodes = ray.get([w.where.remote() for w in group.workers])
+        nodes = get_started([w.where.remote() for w in group.workers], f"the {name} actors")
         out[name] = [{"rank": i, **node, "num_cpus": group.options.get("num_cpus", 0),
                       "num_gpus": group.options.get("num_gpus", 0)} for i, node in enumerate(nodes)]
     return out
@@ -177,14 +182,14 @@ class RolloutGroup:
         """Set by the trainer: on_lost(index, cause) replaces worker `index` (`respawn`) and
         brings the new engine to the learner's weights; without it a lost worker is an error."""
         self.workers = [spawn(i) for i in range(r.workers)]
-        ray.get([w.ready.remote() for w in self.workers])
+        get_started([w.ready.remote() for w in self.workers], "the rollout workers")
 
     def respawn(self, index: int):
         """A new worker `index` with the same resources, arguments and seed as the lost one;
         returned once its engine is up (it still has model.path's weights)."""
         ray.kill(self.workers[index], no_restart=True)  # may still be alive, e.g. hung
         self.workers[index] = self._spawn(index)  # in place: WeightSync shares this list
-        ray.get(self.workers[index].ready.remote())
+        get_started([self.workers[index].ready.remote()], f"the replacement of rollout worker {index}")
         return self.workers[index]
 
     def submit(self, requests: list[SampleRequest], **sampling) -> list[RolloutCall]:
@@ -288,8 +293,8 @@ class LearnerGroup:
         """The ranks that run every call reading the full weights, rank 0 first."""
         if n > 1:
             # Rank 0 hosts the group's store on its own node, wherever Ray placed it.
-            address = ray.get(self.rank0.endpoint.remote())
-            ray.get([w.join_data_parallel.remote(address) for w in self.workers])
+            address = get_started([self.rank0.endpoint.remote()], "learner rank 0")[0]
+            get_started([w.join_data_parallel.remote(address) for w in self.workers], "the learners' group")
 
     def submit_update(self, shards: list[TrainBatch]) -> LearnerCall:
         """Start one optimizer step on every rank; returns at once (`wait` for its result)."""

@@ -24,6 +24,23 @@ POLL_S = 1.0
 timeout_s + this."""
 
 
+START_TIMEOUT_S = 1800.0
+"""Deadline for an actor to come up (engine or model load): no probe can reach an actor before
+its constructor returns, so its start is bounded by time alone."""
+
+
+def get_started(refs: list, what: str) -> list:
+    """ray.get of the calls that wait for actors to start; a start past START_TIMEOUT_S is an
+    error that says what did not come up, never a hang."""
+    try:
+        return ray.get(refs, timeout=START_TIMEOUT_S)
+    except GetTimeoutError:
+        from rl.errors import TrainingError
+
+        raise TrainingError(f"{what} did not start within {START_TIMEOUT_S:g} s (loading the model or building "
+                            f"the engine hung); see the actor's log above.") from None
+
+
 class ActorLost(RuntimeError):
     """An actor died or stopped answering while the driver waited on it."""
 

@@ -130,7 +130,8 @@ class Trainer:
         for name, actors in where.items() if not quiet else ():
             for a in actors:
                 tqdm.write(f"{name:>8} {a['rank']}: node {a['node_id'][:12]} ({a['node_ip']}) "
-                           f"cpus {a['num_cpus']} gpus {a['num_gpus']}")
+                           f"cpus {a['num_cpus']} gpus {a['num_gpus']} torch threads {a.get('torch_threads')} "
+                           f"pid {a.get('pid')}")
 
     def setup_objective(self) -> None:
         """The objective, checked against the response length before any actor starts, and the
