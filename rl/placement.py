@@ -104,14 +104,16 @@ def unplaceable_message(config: Config, wanted: list[dict]) -> str:
     have = "; ".join(f"node {n['NodeID'][:12]} ({n.get('NodeManagerAddress', '?')}): {_fmt(n.get('Resources', {}))}"
                      for n in nodes) or "no alive node"
     free = _fmt(ray.available_resources())
+    strategy = ("use ray.placement_strategy: PACK or SPREAD (STRICT_SPREAD needs a node per actor)"
+                if r.placement_strategy == "STRICT_SPREAD" else "check the names against the nodes' resources above")
     return (f"ray.placement_strategy = {r.placement_strategy!r}: Ray could not reserve one bundle per actor "
             f"({rollout} rollout + {learner} learner) within ray.placement_timeout_s = {r.placement_timeout_s:g} s. "
             f"Asked for (ray.rollout_resources = {dict(r.rollout_resources)}, ray.learner_resources = "
             f"{dict(r.learner_resources)} added to each actor's CPUs/GPUs): {asked}. The cluster has "
             f"{len(nodes)} node(s): {have}; free now: {free}. Fix: start nodes that carry those resources "
             f"(`ray start --address HEAD:6379 --resources '{{\"name\": 1}}'`), lower rollout.workers / "
-            f"learner.workers or the resources asked for, use ray.placement_strategy: PACK or SPREAD "
-            f"(STRICT_SPREAD needs a node per actor), or raise ray.placement_timeout_s while nodes are joining.")
+            f"learner.workers or the resources asked for, {strategy}, or raise ray.placement_timeout_s while "
+            f"nodes are joining.")
 
 
 def _fmt(resources: dict) -> str:

@@ -88,3 +88,22 @@ def test_local_model_path_resolves_to_an_absolute_directory(tiny_model_dir, monk
     monkeypatch.chdir(parent)
     assert resolve_model_path(f"./{name}") == tiny_model_dir
     assert os.path.isabs(resolve_model_path(f"./{name}"))
+
+
+def test_unplaceable_message_names_request_nodes_and_fix(monkeypatch):
+    import rl.placement as placement
+
+    nodes = [{"Alive": True, "NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1",
+              "Resources": {"CPU": 8.0, "GPU": 1.0, "memory": 1e10, "node:10.0.0.1": 1.0, "rollout_node": 1.0}},
+             {"Alive": False, "NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(placement.ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(placement.ray, "available_resources",
+                        lambda: {"CPU": 7.0, "GPU_group_0_abc": 1.0, "rollout_node": 1.0})
+    c = load_config(None, ["ray.learner_resources={learner_node: 1}", "ray.placement_strategy=STRICT_SPREAD",
+                           "ray.placement_timeout_s=30"])
+    text = placement.unplaceable_message(c, bundles(c, {"num_cpus": 1, "num_gpus": 0.5}))
+    assert "ray.placement_strategy = 'STRICT_SPREAD'" in text and "ray.placement_timeout_s = 30 s" in text
+    assert "learner 0: {CPU: 1, GPU: 0.5, learner_node: 1}" in text  # what was asked for
+    assert f"1 node(s): node {'a' * 12} (10.0.0.1): {{CPU: 8, GPU: 1, rollout_node: 1}}" in text  # alive only
+    assert "free now: {CPU: 7, rollout_node: 1}" in text  # no placement-group bookkeeping
+    assert "STRICT_SPREAD needs a node per actor" in text and "ray start --address" in text
