@@ -162,3 +162,59 @@ def test_restarts_past_the_limit_stop_with_the_resume_command(tmp_path, tiny_mod
     assert "trainer.max_restarts = 0" in err and "trainer.resume_from=auto" in err, err[-4000:]
     assert "Traceback" not in err, err[-4000:]
     assert not _no_orphans(ray_tmp)
+
+
+def test_learner_killed_in_the_middle_of_a_checkpoint_save(tmp_path, tiny_model_dir, ray_tmp):
+    """Learner rank 0 dies while step 2's checkpoint is being written (its .step_2.tmp exists):
+    the half-written directory never counts as a checkpoint; the learners are rebuilt from the
+    run's start (no complete checkpoint yet), steps 1-2 run again and are saved whole."""
+    from rl.checkpoints import complete_checkpoints
+
+    (tmp_path / "reward.py").write_text(REWARD_FILE)
+    run_dir = tmp_path / "run"
+    proc = _start(_run_args(tmp_path, tiny_model_dir, "trainer.checkpoint_every=2"), ray_tmp)
+    tmp_dir = run_dir / "checkpoints" / ".step_2.tmp"
+    deadline = time.monotonic() + 600
+    while not tmp_dir.exists():  # the driver makes it just before the learner writes into it
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint save of step 2 seen"
+        time.sleep(0.001)
+    os.kill(_pid(run_dir, "learner"), signal.SIGKILL)
+    err = _finish(proc)
+    rows = _assert_complete(run_dir)
+    assert rows[-1]["faults/learner_restarts"] == 1.0
+    assert "learner actor 0 lost: died during save_checkpoint" in err, err[-4000:]
+    assert "rebuilding the learners from the run's start (no checkpoint yet)" in err
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [2, 4]
+    assert not list((run_dir / "checkpoints").glob(".step_*"))
+    assert not _no_orphans(ray_tmp)
+
+
+EXITING_REWARD = '''
+import os
+from pathlib import Path
+
+MARK = Path({mark!r})
+
+
+def variety(prompt, completion, answer=None, **kwargs):
+    calls = MARK.parent / "calls"
+    n = int(calls.read_text()) + 1 if calls.exists() else 1
+    calls.write_text(str(n))
+    if n == {exit_at_call} and not MARK.exists():
+        MARK.write_text("exited")
+        os._exit(1)  # the reward worker process dies inside the user's function
+    return len(set(completion)) / 10.0
+'''
+
+
+def test_reward_process_that_exits_is_a_counted_failure(tmp_path, tiny_model_dir, ray_tmp):
+    run_dir = tmp_path / "run"
+    (tmp_path / "reward.py").write_text(EXITING_REWARD.format(mark=str(tmp_path / "exited"),
+                                                              exit_at_call=PROMPTS * GROUP + 3))
+    proc = _start(_run_args(tmp_path, tiny_model_dir, "reward.on_error=value"), ray_tmp)
+    _finish(proc)
+    rows = _assert_complete(run_dir)
+    assert (tmp_path / "exited").exists()
+    assert rows[1]["reward/errors"] == 1.0 and rows[1]["reward/worker_restarts"] == 1.0, rows[1]
+    assert sum(r["reward/errors"] for r in rows) == 1.0
+    assert not _no_orphans(ray_tmp)
