@@ -279,6 +279,25 @@ def test_model_path_missing_on_the_actors_node_names_node_and_path(cluster, tmp_
         assert cluster.by_resource[resource] in message  # the node the actor was placed on, by id
 
 
+def test_run_stops_naming_node_and_path_when_the_model_is_gone_on_the_actors_node(cluster, tiny_model_dir, tmp_path):
+    """End to end through the CLI: the driver checks model.path and finds it; the reward module,
+    which preflight imports next, removes it (standing in for a node whose disk lacks it); the
+    rollout actor's check on its node stops the run: one line naming node and path, exit 2."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    reward = tmp_path / "vanishing_reward.py"
+    reward.write_text(f"import os, shutil\nif os.path.isdir({str(model)!r}):\n    shutil.rmtree({str(model)!r})\n"
+                      + REWARD_FILE)
+    args = _train_args(model, reward, tmp_path / "run")
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**cluster.env, "RAY_ADDRESS": cluster.address})
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("error: "))
+    assert line.startswith(f"error: model.path = {str(model)!r} does not exist on node "
+                           f"{cluster.by_resource['rollout_node']} ("), line
+    assert "Traceback" not in proc.stderr
+
+
 def test_ray_job_submit(cluster, tiny_model_dir, reward_file, tmp_path):
     """`ray job submit --working-dir .` (the repository, without .venv/outputs/.git) runs the
     training as a job on the cluster; its exit status is the job's."""
