@@ -26,8 +26,17 @@ def _configure_vllm_env(num_threads: int | None) -> None:
     # vLLM lowers torch to 1 thread "for serving" unless OMP_NUM_THREADS is set, and Ray sets
     # it to 1 in actors that reserve no CPU. Rollout is the only thing running during the
     # generate phase, so it should use every core it has.
-    os.environ["OMP_NUM_THREADS"] = str(num_threads or os.cpu_count() or 1)
+    threads = num_threads or os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    if _on_cpu():
+        # The variable alone comes too late inside a Ray actor: the OpenMP runtime read Ray's
+        # OMP_NUM_THREADS=1 when torch was imported (before this constructor ran), so torch
+        # would decode on one thread. Set it on torch itself, now: vLLM's CPU worker disables
+        # torch.set_num_threads once its engine is built.
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _on_cpu() -> bool:
