@@ -325,3 +325,15 @@ if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "measure":
     print("MEASURED " + json.dumps(measure(**kwargs)), flush=True)
 elif __name__ == "__main__" and len(sys.argv) > 3 and sys.argv[1] == "build-random":
     build_random_model(sys.argv[2], sys.argv[3])
+
+
+def test_kv_budget_auto_sizes_the_planned_kv_cache():
+    # Qwen3-1.7B recipe: 16 prompts x G 16 x (512 + 4096) tokens, half of it = 589,824 tokens
+    c = load_config(ROOT / "configs/gpu/qwen3_1.7b_1gpu.yaml", ["rollout.scheduler.kv_budget_tokens=auto",
+                                                                 "rollout.scheduler.kv_budget_fraction=0.5"])
+    assert c.rollout.scheduler.budget_per_worker == 589_824
+    plan = plan_config(c, "H100-80GB")
+    item = next(i for i in plan.rollout.items if i.label.startswith("KV cache"))
+    assert item.label == "KV cache (rollout.scheduler.kv_budget_tokens)" and "589,824 tokens" in item.formula
+    assert item.bytes == 589_824 * plan.kv_bytes_per_token
+    assert any("kv_budget_tokens = 589,824" in w for w in plan.warnings)  # more than 0.35 of the GPU leaves
