@@ -104,6 +104,10 @@ class LearnerActor(Learner):
     a thread pool (a concurrency group for a liveness probe), so learners are not probed; a
     lost learner is seen when its process dies (rl/supervision.py)."""
 
+    def __init__(self, model, *args, init_weights_path: str | None = None, **kwargs):
+        require_on_this_node({"model.path": model.path, "checkpoint to load (init_weights_path)": init_weights_path})
+        super().__init__(model, *args, init_weights_path=init_weights_path, **kwargs)
+
     def where(self) -> dict:
         return _where()
 

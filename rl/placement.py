@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rl.config import Config
@@ -68,12 +68,19 @@ def placement_options(config: Config, role: str, index: int, base: dict) -> dict
 
 
 def run_placement_group(config: Config, base: dict) -> PlacementGroup:
-    """The run's placement group, reserved and ready (the same one on every call of a job)."""
+    """The run's placement group, reserved and ready (the same one on every call of a job).
+
+    A cached group is reused only while the cluster still reports it CREATED: after
+    `ray.shutdown()` and a new local `ray.init()`, the new cluster's first job has the same job id
+    as the old one, and an actor sent to the old cluster's group would wait forever (infeasible).
+    """
     wanted = bundles(config, base)
     strategy = config.ray.placement_strategy
     key = (ray.get_runtime_context().get_job_id(), repr(wanted), strategy)
     if key in _groups:
-        return _groups[key]
+        if placement_group_table(_groups[key]).get("state") == "CREATED":
+            return _groups[key]
+        del _groups[key]
     group = placement_group(wanted, strategy=strategy, name=f"rl-infinite-{key[0]}-{next(_numbers)}")
     try:
         ray.get(group.ready(), timeout=config.ray.placement_timeout_s)

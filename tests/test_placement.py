@@ -107,3 +107,26 @@ def test_unplaceable_message_names_request_nodes_and_fix(monkeypatch):
     assert f"1 node(s): node {'a' * 12} (10.0.0.1): {{CPU: 8, GPU: 1, rollout_node: 1}}" in text  # alive only
     assert "free now: {CPU: 7, rollout_node: 1}" in text  # no placement-group bookkeeping
     assert "STRICT_SPREAD needs a node per actor" in text and "ray start --address" in text
+
+
+@pytest.mark.slow
+def test_a_new_local_cluster_gets_a_new_group_not_the_old_clusters():
+    """After ray.shutdown() and a new ray.init(), the new cluster's first job has the old job id;
+    the cached group of the old cluster must not be handed out (its actors would wait forever)."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from rl.placement import release, run_placement_group
+
+    c = load_config(None, [])
+    groups = []
+    try:
+        for _ in range(2):
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+            groups.append(run_placement_group(c, {"num_cpus": 0}))
+            assert placement_group_table(groups[-1])["state"] == "CREATED"
+            ray.shutdown()
+    finally:
+        release()
+        ray.shutdown()
+    assert groups[0].id != groups[1].id
