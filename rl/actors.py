@@ -97,12 +97,10 @@ class RolloutActor(RolloutWorker):
         return True
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"control": 1})
 class LearnerActor(Learner):
     """A Learner (one data-parallel rank) in its own process. Its calls run one at a time, in
-    order, on the actor's main thread: FSDP's collectives hung when the actor ran its calls on
-    a thread pool (a concurrency group for a liveness probe), so learners are not probed; a
-    lost learner is seen when its process dies (rl/supervision.py)."""
+    order, except `ping`, which has a thread of its own so that it answers while an update runs."""
 
     def __init__(self, model, *args, init_weights_path: str | None = None, **kwargs):
         require_on_this_node({"model.path": model.path, "checkpoint to load (init_weights_path)": init_weights_path})
@@ -110,6 +108,11 @@ class LearnerActor(Learner):
 
     def where(self) -> dict:
         return _where()
+
+    @ray.method(concurrency_group="control")
+    def ping(self) -> bool:
+        """Liveness probe (rl/supervision.py), answered while an update runs."""
+        return True
 
 
 def _where() -> dict:

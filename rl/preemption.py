@@ -26,9 +26,11 @@ ours back in case a Ray version does it another way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import signal
+import sys
 import threading
 import time
 import _thread
@@ -64,6 +66,7 @@ class StopRequest:
         self.expired = False  # the grace period ran out before the step ended
         self.grace_s = float(os.environ.get("RL_STOP_GRACE_S", DEFAULT_GRACE_S)) if grace_s is None else grace_s
         self._safe = threading.Event()
+        self.swallowed: Preempted | None = None  # raised where Python ignores exceptions: raise again
 
     @property
     def requested(self) -> bool:
@@ -111,6 +114,12 @@ def _say(text: str) -> None:
 def _handler(signum, frame) -> None:
     stop = STOP
     name = signal.Signals(signum).name
+    if stop.swallowed is not None:  # _redeliver's interrupt: raise it again, now in ordinary code
+        if _inside_redeliver(frame):  # an exception here would be dropped for good: try again later
+            _interrupt_soon(stop.swallowed.signum)
+            return
+        lost, stop.swallowed = stop.swallowed, None
+        raise lost
     if stop.requested and stop.expired:  # the watchdog's interrupt (interrupt_main)
         stop.expired = False  # once; a further signal is a second signal
         if stop._safe.is_set():
@@ -130,6 +139,36 @@ def _handler(signum, frame) -> None:
          f"(at most {stop.grace_s:g} s for the step; {name} again exits at once).")
     stop._safe.clear()
     threading.Thread(target=stop._watchdog, name="stop-watchdog", daemon=True).start()
+
+
+def _redeliver(unraisable, fallback=sys.unraisablehook) -> None:
+    """sys.unraisablehook while our handlers are in place.
+
+    Python runs a signal handler between any two bytecodes of the main thread, also inside a
+    weakref callback, a __del__ or logging's lock release; an exception raised there is printed
+    as "Exception ignored in ..." and dropped. A Preempted dropped that way is raised again at
+    the next bytecode (interrupt_main runs _handler, which raises it), without the traceback.
+    Anything else goes to the previous hook."""
+    if isinstance(unraisable.exc_value, Preempted) and STOP.requested:
+        STOP.swallowed = unraisable.exc_value
+        _interrupt_soon(unraisable.exc_value.signum)  # not now: it would land in this hook
+        return
+    fallback(unraisable)
+
+
+def _interrupt_soon(signum: int) -> None:
+    """Run _handler in the main thread a moment from now (from a timer thread)."""
+    timer = threading.Timer(0.005, _thread.interrupt_main, args=(signum,))
+    timer.daemon = True
+    timer.start()
+
+
+def _inside_redeliver(frame) -> bool:
+    while frame is not None:
+        if frame.f_code is _redeliver.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def install_signal_handlers() -> None:
@@ -170,11 +209,14 @@ def handle_signals():
         yield STOP
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
+    previous_hook = sys.unraisablehook
     STOP.reset()
     install_signal_handlers()
+    sys.unraisablehook = functools.partial(_redeliver, fallback=previous_hook)
     try:
         yield STOP
     finally:
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 

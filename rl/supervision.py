@@ -82,14 +82,10 @@ def supervised_get(calls: list[Watched], timeout_s: float, fetch: bool = True) -
             probes.pop(ref, None)
             if fetch:
                 _get_or_lost(call, ref)
-            elif hasattr(call.actor, "ping"):
+            else:
                 _get_or_lost(call, call.actor.ping.remote(), wait=True, timeout_s=timeout_s)
-            else:  # learners have no probe; any call answered after this one shows it is alive
-                _get_or_lost(call, call.actor.where.remote(), wait=True, timeout_s=timeout_s)
         now = time.monotonic()
         for key, call in pending.items():
-            if not hasattr(call.actor, "ping"):  # learners: death only (rl/actors.py LearnerActor)
-                continue
             probe = probes.get(key)
             if probe is None:
                 probes[key] = (call.actor.ping.remote(), now)

@@ -150,6 +150,28 @@ def test_stopped_engine_is_detected_and_replaced(tmp_path, tiny_model_dir, ray_t
     assert not _no_orphans(ray_tmp)
 
 
+def test_stopped_learner_is_detected_and_rebuilt(tmp_path, tiny_model_dir, ray_tmp):
+    """SIGSTOP of the learner: its `ping` (served on the actor's control thread) goes unanswered
+    for trainer.actor_timeout_s, the learner is killed and the learners rebuilt from step_2."""
+    (tmp_path / "reward.py").write_text(REWARD_FILE)
+    run_dir = tmp_path / "run"
+    proc = _start(_run_args(tmp_path, tiny_model_dir, "trainer.checkpoint_every=2", "trainer.actor_timeout_s=5"),
+                  ray_tmp)
+    _wait_for_step(proc, run_dir, 3)
+    pid = _pid(run_dir, "learner")
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    err = _finish(proc)
+    rows = _assert_complete(run_dir)
+    assert rows[-1]["faults/learner_restarts"] == 1.0
+    assert "learner actor 0 lost: no answer to a liveness probe for 5 s" in err, err[-4000:]
+    assert "hung or stopped; killed" in err
+    assert f"rebuilding the learners from checkpoint {run_dir / 'checkpoints' / 'step_2'}" in err, err[-4000:]
+    assert _pid(run_dir, "learner") != pid
+    print(f"learner SIGSTOP -> run finished {time.monotonic() - t0:.1f} s later")
+    assert not _no_orphans(ray_tmp)
+
+
 def test_restarts_past_the_limit_stop_with_the_resume_command(tmp_path, tiny_model_dir, ray_tmp):
     (tmp_path / "reward.py").write_text(REWARD_FILE)
     run_dir = tmp_path / "run"

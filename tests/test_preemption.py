@@ -86,6 +86,40 @@ def test_a_step_past_the_grace_period_is_abandoned(tmp_path):
     assert time.monotonic() - t0 < 5
 
 
+def test_a_stop_raised_inside_a_finalizer_is_raised_again_outside_it(capfd):
+    """The handler can run inside a __del__ or weakref callback (seen in CI: logging's
+    _releaseLock, a WeakKeyDictionary callback), where Python prints "Exception ignored" and
+    drops the exception. The stop must still come out, once, in ordinary code, silently."""
+
+    class SignalsWhenCollected:
+        def __del__(self):
+            _signal_self(signal.SIGTERM)
+
+    with handle_signals(), pytest.raises(Preempted) as info:
+        obj = SignalsWhenCollected()
+        del obj  # the handler raises inside __del__: dropped there, then raised again
+        for _ in range(100):
+            time.sleep(0.01)
+    assert info.value.exit_code == 143 and STOP.swallowed is None
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_other_unraisable_exceptions_still_reach_the_previous_hook():
+    seen = []
+    before = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with handle_signals():
+            class Broken:
+                def __del__(self):
+                    raise ValueError("from __del__")
+            Broken()
+        assert [type(u.exc_value) for u in seen] == [ValueError]
+    finally:
+        sys.unraisablehook = before
+    assert sys.unraisablehook is before
+
+
 def test_ray_init_cannot_replace_our_sigterm_handler():
     from ray._private import utils as ray_utils
 
