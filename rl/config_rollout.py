@@ -20,6 +20,8 @@ POLICY_KEYS = {
     "predictor": ("length_aware",),
     "regroup_fraction": ("length_aware",),
     "tail_guard": ("length_aware",),
+    "admission": ("length_aware",),
+    "admission_horizon": ("length_aware",),
 }
 
 
@@ -67,6 +69,16 @@ class SchedulerConfig:
     """length_aware: start the samples that may run longest early enough that they do not set
     the makespan (scheduling/length_aware.py); null = true."""
 
+    admission: str | None = None
+    """length_aware: optimistic | conservative. conservative reserves each sequence's whole
+    predicted peak (prompt + predicted length) and never overruns the budget unless a sequence
+    outlives its prediction; optimistic also admits while the KV projected over the next
+    admission_horizon steps fits, and lets the engine preempt when sequences outgrow it;
+    null = optimistic."""
+    admission_horizon: int | None = None
+    """length_aware, optimistic admission: decode steps of KV growth a new admission must leave
+    room for; null = 16 (longer: fewer preemptions, emptier cache)."""
+
     def __post_init__(self):
         _choice("rollout.scheduler.policy", self.policy, ("full_group", "naive_micro", "continuous", "length_aware"))
         if self.predictor is not None:
@@ -79,6 +91,10 @@ class SchedulerConfig:
                               "(the free share of the KV budget that triggers a new grouping; 0.5 is the default).")
         if self.slots is not None:
             _positive("rollout.scheduler.slots", self.slots)
+        if self.admission is not None:
+            _choice("rollout.scheduler.admission", self.admission, ("optimistic", "conservative"))
+        if self.admission_horizon is not None:
+            _positive("rollout.scheduler.admission_horizon", self.admission_horizon)
         self._check_budget()
         self.check_keys()
         self.budget_per_worker: int | None = self.kv_budget_tokens if isinstance(self.kv_budget_tokens, int) else None
@@ -133,7 +149,10 @@ class SchedulerConfig:
             kwargs.update(predictor=self.predictor or "token_conditioned",
                           eps=self.fptas_eps if self.fptas_eps is not None else 0.05)
             kwargs.update({k: v for k, v in (("regroup_fraction", self.regroup_fraction),
-                                             ("tail_guard", self.tail_guard)) if v is not None})
+                                             ("tail_guard", self.tail_guard),
+                                             ("admission", self.admission),
+                                             ("admission_horizon", self.admission_horizon))
+                           if v is not None})
         slots = self.slots
         if g is not None:
             slots = min(slots, g) if slots else g

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from rollout.records import RolloutStats
 from scheduling import SchedulingPolicy, Seq, kv_lower_bound_steps, lower_bound_steps
+from scheduling.engine_model import engine_kv_lower_bound_steps
 
 
 class EngineProbe:
@@ -30,10 +31,12 @@ class EngineProbe:
         self.block_pool = pool if hasattr(pool, "get_num_free_blocks") else None
         cache = engine.vllm_config.cache_config
         self.block_size = int(cache.block_size)
+        self.prefix_caching = bool(getattr(cache, "enable_prefix_caching", False))
         blocks = self.block_pool.num_gpu_blocks if self.block_pool else (cache.num_gpu_blocks or 0)
         # block 0 is vLLM's null block: never handed to a request
         self.usable_blocks = max(int(blocks) - 1, 0)
         self.preemptions = 0
+        self.recomputed_tokens = 0
         self._wrap_preempt()
 
     @property
@@ -53,9 +56,11 @@ class EngineProbe:
         if original is None:
             return
 
-        def counted(*args, **kwargs):
+        def counted(request, *args, **kwargs):
             self.preemptions += 1
-            return original(*args, **kwargs)
+            # what the engine must compute again when the request is resumed
+            self.recomputed_tokens += int(getattr(request, "num_computed_tokens", 0) or 0)
+            return original(request, *args, **kwargs)
 
         self.scheduler._preempt_request = counted
 
@@ -94,6 +99,9 @@ def run_rollout(
 
     stats.extra: engine_peak_kv_tokens (blocks in use x block size), engine_peak_running,
     engine_peak_waiting, engine_kv_tokens (allocated: `EngineProbe.allocated_tokens`),
+    recomputed_tokens (tokens the engine computed again after preempting; None without a probe),
+    engine_kv_lower_bound (the area bound in the engine's own blocks, prompt blocks shared when
+    prefix caching is on: `scheduling.engine_model.engine_kv_lower_bound_steps`),
     lower_bound (decode steps, from the lengths produced and `slots`),
     kv_lower_bound (also from the prompts and `kv_budget_tokens`: `kv_lower_bound_steps`),
     predictor_mae (|predicted - produced| output length, mean over the finished sequences, the
@@ -109,6 +117,9 @@ def run_rollout(
     stats = RolloutStats()
     start = time.perf_counter()
     preempt_before = probe.preemptions if probe else 0
+    recomputed_before = probe.recomputed_tokens if probe else 0
+    if probe is not None and hasattr(policy, "set_kv_layout"):
+        policy.set_kv_layout(probe.block_size, probe.prefix_caching)
     by_id = {s.seq_id: s for s in seqs}
     t0 = time.perf_counter()
     policy.begin_rollout(list(seqs))
@@ -181,6 +192,7 @@ def run_rollout(
             stats.scheduler_seconds += time.perf_counter() - t0
     stats.seconds = time.perf_counter() - start
     stats.preemptions = (probe.preemptions - preempt_before) if probe else 0
+    recomputed = (probe.recomputed_tokens - recomputed_before) if probe else None
     lengths = [len(c.token_ids) for c in finished.values()]
     stats.generated_tokens = sum(lengths)
     errors = [abs(predicted[sid] - len(c.token_ids)) for sid, c in finished.items() if sid in predicted]
@@ -193,6 +205,10 @@ def run_rollout(
         engine_peak_kv_tokens=engine_peak_kv if probe and probe.block_pool else None,
         engine_kv_tokens=probe.allocated_tokens if probe and probe.block_pool else None,
         engine_peak_running=engine_peak_run, engine_peak_waiting=engine_peak_wait,
+        recomputed_tokens=recomputed,
+        engine_kv_lower_bound=engine_kv_lower_bound_steps(
+            [(by_id[sid].group_id, by_id[sid].prompt_tokens, len(c.token_ids)) for sid, c in finished.items()],
+            probe.cache_tokens, probe.block_size, probe.prefix_caching) if probe and probe.block_pool else None,
     )
     if record_timeline:
         stats.extra["timeline"] = timeline

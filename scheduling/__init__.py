@@ -7,11 +7,13 @@ policy objects on known lengths. Entry points:
     make_policy(name, **kw)          full_group | naive_micro | continuous | length_aware
     make_predictor(name, **kw)       token_conditioned | oracle | constant
     simulate(policy, trace, slots, kv_budget_tokens) -> SimResult
+    EngineKVModel(capacity, block)   vLLM's blocks, prefix sharing and preemption, for simulate
 
 All policies side by side on a trace: `python -m rl.bench rollout --simulate` (rl/bench/rollout.py).
 """
 
 from .base import SchedulingPolicy
+from .engine_model import EngineKVModel, engine_kv_lower_bound_steps
 from .knapsack import exact_knapsack, fptas_knapsack
 from .policies import make_policy, policy_names
 from .predictors import (
@@ -40,6 +42,8 @@ __all__ = [
     "fptas_knapsack",
     "exact_knapsack",
     "simulate",
+    "EngineKVModel",
+    "engine_kv_lower_bound_steps",
     "SimResult",
     "lower_bound_steps",
     "kv_lower_bound_steps",

@@ -5,6 +5,15 @@ predicted remaining (revised upward as it outlives its prediction); a pending on
 prompt + predicted length. A plan keeps the sum of reservations <= the KV budget, and the number
 of running sequences <= slots. Actual KV (prompt + generated) never exceeds the reservation, so
 the budget can only be overrun when sequences outlive their predictions.
+
+Optimistic admission (`admission="optimistic"`, the default) then admits more pending
+sequences, shortest first by their tail-quantile length, while the KV projected over the next
+`admission_horizon` decode steps stays within the budget (scheduling/kv_projection.py, charged
+the engine's way: blocks and shared prompt blocks). Reserving every sequence's whole peak
+leaves much of the cache idle while short sequences finish; a short horizon keeps it full, and
+when sequences outgrow the cache vLLM preempts the most recently scheduled one, whose KV is the
+cheapest to recompute (docs/BENCHMARKS.md compares both in a capped engine).
+`admission="conservative"` keeps the sum-of-peaks rule, for the ablation.
 """
 
 from __future__ import annotations
@@ -16,8 +25,12 @@ import numpy as np
 
 from .base import SchedulingPolicy, register_policy
 from .knapsack import fptas_knapsack
+from .kv_projection import engine_kv_now, projected_peak
 from .predictors import LengthPredictor, make_predictor
 from .types import Seq, SeqId
+
+
+ADMISSIONS = ("optimistic", "conservative")
 
 
 @register_policy
@@ -52,6 +65,8 @@ class LengthAwarePolicy(SchedulingPolicy):
         regroup_fraction: float = 0.5,
         tail_guard: bool = True,
         tail_quantile: float = 0.9,
+        admission: str = "optimistic",
+        admission_horizon: int = 16,
         **predictor_kw,
     ) -> None:
         if not 0.0 < regroup_fraction <= 1.0:
@@ -65,7 +80,24 @@ class LengthAwarePolicy(SchedulingPolicy):
         if not 0.0 < tail_quantile < 1.0:
             raise ValueError(f"tail_quantile must be in (0, 1), got {tail_quantile}")
         self.tail_quantile = tail_quantile
+        if admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
+        self.admission = admission
+        if admission_horizon < 1:
+            raise ValueError(f"admission_horizon must be >= 1 decode step, got {admission_horizon}")
+        self.admission_horizon = admission_horizon
+        # the engine's KV layout, for the optimistic projection (set_kv_layout); by default our
+        # own accounting: every token counted, each sequence its own prompt
+        self.block_tokens = 1
+        self.share_prompts = False
         self.last_mode = ""  # "group" or "refill": which path the latest plan took (for tests/logs)
+
+    def set_kv_layout(self, block_tokens: int, share_prompts: bool) -> None:
+        """The engine keeps KV in blocks of `block_tokens` and, with `share_prompts` (prefix
+        caching), siblings share the prompt's full blocks: the optimistic projection charges KV
+        the engine's way. The executor and the simulator call this; conservative plans ignore it."""
+        self.block_tokens = max(int(block_tokens), 1)
+        self.share_prompts = bool(share_prompts)
 
     def begin_rollout(self, seqs: Sequence[Seq]) -> None:
         self.predictor.begin_rollout()
@@ -122,10 +154,50 @@ class LengthAwarePolicy(SchedulingPolicy):
             self.last_mode = "refill"
             chosen = self._refill(pending, running, rem, peak, run_rem, run_peak, free_kv,
                                   free_slots, urgent)
+        if self.admission == "optimistic":
+            chosen = self._admit_optimistically(pending, running, rem, run_rem, chosen,
+                                                free_slots, kv_budget_tokens)
         if not chosen and not running:
             # nothing is predicted to fit an empty engine: run the smallest alone rather than stall
             chosen = [int(np.argmin(peak))]
         return [pending[i].seq_id for i in chosen]
+
+    def _admit_optimistically(self, pending, running, rem, run_rem, chosen, free_slots,
+                              kv_budget) -> list[int]:
+        """`chosen` plus the longest SJF-ordered run of the other pending sequences whose
+        projected KV peak, with everything running and chosen, fits the budget. Adding a
+        sequence never lowers the projected KV at any step, so the longest fitting run is found
+        by bisection."""
+        room = free_slots - len(chosen)
+        if room <= 0:
+            return chosen
+        taken = set(chosen)
+        running_groups = {s.group_id for s in running} | {pending[i].group_id for i in chosen}
+        rest = np.array([i for i in range(len(pending)) if i not in taken], dtype=int)
+        if rest.size == 0:
+            return chosen
+        sib = np.array([0 if pending[i].group_id in running_groups else 1 for i in rest])
+        # shortest first by the tail quantile: a sample that may run long waits until the
+        # projection has room for its growth, whatever its mean
+        risk = self._remaining(pending, self.tail_quantile)
+        rest = rest[np.lexsort((rest, sib, risk[rest]))][:room]
+        base = list(running) + [pending[i] for i in chosen]
+        base_rem = np.concatenate([run_rem, rem[chosen]]) if chosen else run_rem
+
+        def fits(k: int) -> bool:
+            seqs = base + [pending[i] for i in rest[:k]]
+            r = np.concatenate([base_rem, rem[rest[:k]]])
+            kv = engine_kv_now(seqs, r, self.block_tokens, self.share_prompts)
+            return projected_peak(kv, r, self.admission_horizon) <= kv_budget
+
+        lo, hi = 0, int(rest.size)  # fits(lo) holds (chosen alone is the conservative plan)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return sorted(chosen + rest[:lo].tolist())
 
     def _urgent(self, pending, rem, peak, run_rem, run_peak, kv_budget, slots) -> np.ndarray:
         """Pending sequences that may finish after the projected end if not started now."""

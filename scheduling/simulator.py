@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 from .base import SchedulingPolicy
+from .engine_model import EngineKVModel, engine_kv_lower_bound_steps
 from .traces import Trace
 from .types import GroupId
 
@@ -36,7 +37,16 @@ class SimResult:
     """wall time spent inside the policy's plan/on_finished calls."""
     plan_calls: int
     kv_over_budget_steps: int
-    """steps whose actual KV exceeded the budget (what vLLM would answer with preemptions)."""
+    """steps whose actual KV exceeded the budget (what vLLM would answer with preemptions);
+    0 with `engine`, where the engine never exceeds it."""
+    kv_lower_bound: int = 0
+    """`kv_lower_bound_steps` of the trace: the bound with the KV-time area term."""
+    preemptions: int = 0
+    """with `engine`: sequences the modelled vLLM preempted."""
+    recomputed_tokens: int = 0
+    """with `engine`: prompt + generated tokens of the preempted sequences (computed again)."""
+    engine_kv_lower_bound: int = 0
+    """with `engine`: the area bound in the engine's blocks (`engine_kv_lower_bound_steps`)."""
 
     @property
     def steps_over_bound(self) -> float:
@@ -77,17 +87,26 @@ def simulate(
     kv_budget_tokens: int,
     plan_every_step: bool = False,
     max_steps: int | None = None,
+    engine: EngineKVModel | None = None,
 ) -> SimResult:
     """Run `policy` on `trace` (a Trace or (group_id, prompt_tokens, length) triples).
 
     `plan_every_step` False asks the policy only at the start and after a step in which something
     finished (what an event-driven executor does); True asks every step. Raises if the policy
     admits an unknown or already admitted id, or stalls (nothing running, nothing admitted).
+
+    engine: a fresh `EngineKVModel` (vLLM's blocks, prefix sharing and preemption) sized to the
+    engine's cache; admitted sequences then run only when the model schedules them, as in a
+    capped vLLM engine. None: every admitted sequence runs every step (the KV is unbounded and
+    `kv_over_budget_steps` counts the steps over the budget). The policy is told the engine's
+    KV layout (`set_kv_layout`) when it has one.
     """
     trace = Trace.coerce(trace)
     true_len = trace.lengths
     seqs = trace.to_seqs()
     by_id = {s.seq_id: s for s in seqs}
+    if engine is not None and hasattr(policy, "set_kv_layout"):
+        policy.set_kv_layout(engine.block_tokens, engine.share_prompts)
     policy.begin_rollout(seqs)
     pending = list(seqs)
     running: list = []
@@ -110,6 +129,9 @@ def simulate(
                 if bad:
                     raise RuntimeError(f"{policy.name}: admitted ids not pending: {sorted(bad)[:5]}")
                 running.extend(by_id[i] for i in ids)
+                if engine is not None:
+                    for i in ids:
+                        engine.add(by_id[i])
                 pending = [s for s in pending if s.seq_id not in admit]
         if not running:
             raise RuntimeError(f"{policy.name}: stalled with {len(pending)} pending and none running")
@@ -117,16 +139,20 @@ def simulate(
         steps += 1
         if steps > limit:
             raise RuntimeError(f"{policy.name}: exceeded {limit} steps")
-        for s in running:
+        decoding = engine.schedule() if engine is not None else running
+        for s in decoding:
             s.generated += 1
-        tokens += len(running)
-        kv = sum(s.kv_tokens for s in running)
+        tokens += len(decoding)
+        kv = engine.kv_tokens if engine is not None else sum(s.kv_tokens for s in running)
         peak_kv = max(peak_kv, kv)
-        peak_conc = max(peak_conc, len(running))
+        peak_conc = max(peak_conc, len(decoding))
         over += kv > kv_budget_tokens
-        done = [s for s in running if s.generated >= true_len[s.seq_id]]
+        done = [s for s in decoding if s.generated >= true_len[s.seq_id]]
         ask = bool(done)
         if done:
+            if engine is not None:
+                for s in done:
+                    engine.remove(s)
             running = [s for s in running if s.generated < true_len[s.seq_id]]
             t0 = time.perf_counter()
             for s in done:
@@ -143,4 +169,11 @@ def simulate(
         overhead_s=overhead,
         plan_calls=calls,
         kv_over_budget_steps=over,
+        kv_lower_bound=kv_lower_bound_steps(true_len, [p for _, p, _ in trace.items], slots,
+                                            kv_budget_tokens),
+        preemptions=engine.preemptions if engine is not None else 0,
+        recomputed_tokens=engine.recomputed_tokens if engine is not None else 0,
+        engine_kv_lower_bound=engine_kv_lower_bound_steps(
+            trace.items, engine.capacity_blocks * engine.block_tokens, engine.block_tokens,
+            engine.share_prompts) if engine is not None else 0,
     )

@@ -55,7 +55,8 @@ def test_full_group_admits_everything_at_once():
 def test_sjf_refill_admits_shortest_predicted_remaining_first():
     # one long running sequence holds most of the budget, so the policy is in refill mode
     lengths = {0: 100, 1: 50, 2: 7, 3: 30, 4: 3, 5: 12}
-    pol = make_policy("length_aware", predictor=OracleLengthPredictor(lengths), tail_guard=False)
+    pol = make_policy("length_aware", predictor=OracleLengthPredictor(lengths), tail_guard=False,
+                      admission="conservative")
     running = [Seq(0, 0, 10, 200, generated=40)]
     pending = [Seq(i, i, 10, 200) for i in (1, 2, 3, 4, 5)]
     # running reserves 10 + 100 = 110 of 160: 50 free < half of the budget
@@ -127,10 +128,10 @@ def test_every_sequence_admitted_once_and_finishes(name, every_step):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_length_aware_never_exceeds_kv_budget_with_oracle(seed):
+def test_conservative_length_aware_never_exceeds_kv_budget_with_oracle(seed):
     trace = synthetic_trace("lognormal", prompts=12, group_size=8, max_new_tokens=256, seed=seed)
     budget = 3000  # every single sequence fits (prompt < 320, length <= 256)
-    pol = make_policy("length_aware", predictor=oracle_for(trace.items))
+    pol = make_policy("length_aware", predictor=oracle_for(trace.items), admission="conservative")
     orig = pol.plan
 
     def check(pending, running, kv, slots):
@@ -207,12 +208,12 @@ def test_scheduler_overhead_is_measured():
     assert np.isfinite(res.mean_concurrency)
 
 
-def test_length_aware_plans_within_budget_with_learned_predictor():
+def test_conservative_length_aware_plans_within_budget_with_learned_predictor():
     """With a learned predictor every plan that admits something keeps the sum of *predicted*
     peaks <= the budget. (Running sequences that outlive their predictions can push the sum
     over it between plans; the policy then admits nothing until they finish.)"""
     trace = synthetic_trace("pareto", prompts=10, group_size=8, max_new_tokens=256, seed=8)
-    pol = make_policy("length_aware", predictor="token_conditioned")
+    pol = make_policy("length_aware", predictor="token_conditioned", admission="conservative")
     pred = pol.predictor
     orig = pol.plan
     checked, admitted_beside_running = [], []

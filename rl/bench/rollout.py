@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from scheduling import (
+    EngineKVModel,
     LengthPredictor,
     OracleLengthPredictor,
     Trace,
@@ -67,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", default=None,
                    help="length_aware predictors, comma-separated (simulation default: "
                         "oracle,token_conditioned; real: token_conditioned)")
+    p.add_argument("--admission", default="optimistic",
+                   help="length_aware admissions, comma-separated: optimistic, conservative")
+    p.add_argument("--engine-model", action="store_true",
+                   help="simulation: every policy in a model of a vLLM engine of --kv-budget tokens "
+                        "(blocks of --block-size, shared prompt blocks, preemption)")
     p.add_argument("--prompts", type=int, default=8, help="B prompts (real, synthetic)")
     p.add_argument("--group-size", type=int, default=16, help="G samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -147,12 +153,17 @@ def simulate_policies(
     predictor: str | LengthPredictor = "oracle",
     plan_every_step: bool = False,
     micro_group_size: int | None = None,
+    admission: str = "optimistic",
+    engine_block_tokens: int | None = None,
 ) -> list[dict]:
     """One row of measures per policy. `predictor` is a name ("oracle" is built from the trace)
     or an instance, deep-copied per policy so every policy starts from the same state.
     kv_budget_tokens None: see `default_kv_budget`. micro_group_size g: rounds of g, as in
     training (`rl.actors.scheduler_options`): naive_micro's micro-groups are g samples and the
-    slots of naive_micro, continuous and length_aware are capped at g; None: no cap."""
+    slots of naive_micro, continuous and length_aware are capped at g; None: no cap.
+    admission: length_aware's (optimistic | conservative). engine_block_tokens: run every policy
+    in the model of a vLLM engine of kv_budget_tokens (blocks of this size, prompt blocks shared,
+    preemption: scheduling/engine_model.py); None: the plain decode-step model."""
     trace = Trace.coerce(trace)
     if kv_budget_tokens is None:
         kv_budget_tokens = default_kv_budget(trace, slots)
@@ -166,14 +177,19 @@ def simulate_policies(
                 kw["predictor"] = make_predictor(predictor)
             else:
                 kw["predictor"] = copy.deepcopy(predictor)
+            kw["admission"] = admission
         policy_slots = slots
         if micro_group_size is not None and name in MICRO_GROUP_POLICIES:
             policy_slots = min(slots, micro_group_size)
             if name == "naive_micro":
                 kw["micro_group_size"] = micro_group_size
-        res = simulate_policy(make_policy(name, **kw), trace, policy_slots, kv_budget_tokens, plan_every_step)
+        engine = (EngineKVModel(kv_budget_tokens, engine_block_tokens, share_prompts=True,
+                                max_running=policy_slots) if engine_block_tokens else None)
+        res = simulate_policy(make_policy(name, **kw), trace, policy_slots,
+                              kv_budget_tokens, plan_every_step, engine=engine)
         row = res.as_dict()
         row["predictor"] = kw["predictor"].name if "predictor" in kw else "-"
+        row["admission"] = kw.get("admission", "-")
         row["slots"] = policy_slots
         row["kv_budget_tokens"] = kv_budget_tokens
         if name == "full_group":
@@ -214,11 +230,16 @@ def simulate(args) -> dict:
         warm = [synth(args.seed + 1000 + k) for k in range(args.warmup_steps)]
     policies = [p.strip() for p in args.policies.split(",")]
     rows = []
-    for i, name in enumerate(p.strip() for p in (args.predictor or "oracle,token_conditioned").split(",")):
+    preds = [p.strip() for p in (args.predictor or "oracle,token_conditioned").split(",")]
+    admissions = [a.strip() for a in args.admission.split(",")]
+    block = args.block_size if args.engine_model else None
+    if args.engine_model and not args.kv_budget:
+        raise SystemExit("--engine-model needs --kv-budget, the engine's KV tokens")
+    for i, (name, admission) in enumerate((p, a) for p in preds for a in admissions):
         pred = name if name == "oracle" else warm_predictor(make_predictor(name), warm)
         names = policies if i == 0 else [p for p in policies if p == "length_aware"]
         rows += simulate_policies(trace, names, slots, args.kv_budget, pred, args.every_step,
-                                  args.micro_group_size)
+                                  args.micro_group_size, admission, block)
     full = next((r["peak_kv_tokens"] for r in rows if r["policy"] == "full_group"), None)
     for r in rows:  # later predictor runs compare with the first run's full_group
         r["peak_kv_vs_full"] = r["peak_kv_tokens"] / full if full else math.nan
@@ -287,13 +308,15 @@ def real(args) -> dict:
     rows, first = [], None
     for name in [p.strip() for p in args.policies.split(",")]:
         preds = (args.predictor or "token_conditioned").split(",") if name == "length_aware" else ["-"]
-        for pred in preds:
+        admissions = args.admission.split(",") if name == "length_aware" else ["-"]
+        for pred, admission in ((p, a) for p in preds for a in admissions):
             kw: dict = {}
             slots, kv = safe_slots, budget
             if name == "naive_micro":
                 kw["micro_group_size"] = args.micro_group_size or G
             elif name == "length_aware":
                 kw["predictor"] = warm_predictor(make_predictor(pred), warm)
+                kw["admission"] = admission
                 slots = args.max_num_seqs
             elif name == "full_group":
                 slots, kv = args.max_num_seqs, worker.cache_tokens
@@ -302,8 +325,8 @@ def real(args) -> dict:
             worker.set_policy(name, kw, kv_budget_tokens=kv, slots=slots)
             worker.engine.reset_prefix_cache()  # no policy inherits the previous one's cache
             result = worker.generate(requests, **sampling)
-            rows.append(real_row(name, pred, result.stats, budget))
-            print(f"{name} ({pred}): {result.stats.seconds:.1f} s", flush=True)
+            rows.append(real_row(name, pred, result.stats, budget) | {"admission": admission})
+            print(f"{name} ({pred}, {admission}): {result.stats.seconds:.1f} s", flush=True)
             if args.json:  # partial results survive an interrupted run
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps({"mode": "partial", "rows": rows}))
@@ -332,6 +355,8 @@ def real_row(policy: str, predictor: str, st, budget: int) -> dict:
         "policy": policy, "predictor": predictor, "decode_steps": st.decode_steps,
         "lower_bound": x["lower_bound"],
         "steps_over_bound": st.decode_steps / max(x["lower_bound"], 1),
+        "kv_lower_bound": x["kv_lower_bound"], "engine_kv_lower_bound": x["engine_kv_lower_bound"],
+        "recomputed_tokens": x["recomputed_tokens"],
         "peak_kv_tokens": st.peak_kv_tokens, "engine_peak_kv_tokens": x["engine_peak_kv_tokens"],
         "kv_budget_tokens": x["kv_budget_tokens"], "slots": x["slots"],
         "peak_concurrency": st.peak_running, "engine_peak_running": x["engine_peak_running"],
@@ -353,6 +378,7 @@ def format_table(rows: Sequence[dict]) -> str:
     cols = [
         ("policy", "policy", "{}"),
         ("predictor", "predictor", "{}"),
+        ("admission", "admission", "{}"),
         ("decode_steps", "steps", "{}"),
         ("lower_bound", "bound", "{}"),
         ("steps_over_bound", "steps/bound", "{:.3f}"),
@@ -361,6 +387,9 @@ def format_table(rows: Sequence[dict]) -> str:
         ("peak_concurrency", "peak_conc", "{}"),
         ("mean_concurrency", "mean_conc", "{:.1f}"),
         ("kv_over_budget_steps", "over_budget", "{}"),
+        ("preemptions", "preempt", "{}"),
+        ("recomputed_tokens", "recomputed", "{}"),
+        ("engine_kv_lower_bound", "block_bound", "{}"),
         ("overhead_s", "sched_s", "{:.3f}"),
     ]
     cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) for k, _, f in cols] for r in rows]
@@ -373,12 +402,13 @@ def format_table(rows: Sequence[dict]) -> str:
 def format_rows(rows: list[dict], mode: str) -> str:
     if mode == "simulate":
         return format_table(rows)
-    cols = [("policy", "{}"), ("predictor", "{}"), ("decode_steps", "{}"), ("lower_bound", "{}"),
+    cols = [("policy", "{}"), ("predictor", "{}"), ("admission", "{}"), ("decode_steps", "{}"),
+            ("lower_bound", "{}"),
             ("steps_over_bound", "{:.2f}"), ("peak_kv_tokens", "{}"),
             ("engine_peak_kv_tokens", "{}"), ("kv_budget_tokens", "{}"), ("slots", "{}"),
             ("peak_concurrency", "{}"), ("tokens_per_s", "{:.0f}"), ("wall_s", "{:.1f}"),
-            ("engine_over_budget_steps", "{}"), ("preemptions", "{}"), ("overhead_s", "{:.3f}"),
-            ("overhead_frac", "{:.2%}")]
+            ("engine_over_budget_steps", "{}"), ("preemptions", "{}"), ("recomputed_tokens", "{}"),
+            ("engine_kv_lower_bound", "{}"), ("overhead_s", "{:.3f}"), ("overhead_frac", "{:.2%}")]
     cells = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
@@ -394,7 +424,8 @@ def save_plot(out: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = out["rows"]
-    labels = [r["policy"] + ("" if r["predictor"] == "-" else f"\n{r['predictor']}") for r in rows]
+    labels = [r["policy"] + ("" if r["predictor"] == "-" else f"\n{r['predictor']}")
+              + ("" if r.get("admission", "-") == "-" else f"\n{r['admission']}") for r in rows]
     real_mode = out["mode"] == "real"
     fig, axes = plt.subplots(1, 4 if real_mode else 2, figsize=(20 if real_mode else 11, 4.2))
     x = range(len(rows))

@@ -1,0 +1,112 @@
+"""A model of vLLM's KV cache and preemption, for the simulator.
+
+What the model keeps of vLLM V1's scheduler (vllm/v1/core/sched/scheduler.py):
+  * KV lives in blocks of `block_tokens`; a sequence about to produce its next token needs
+    ceil((prompt + generated + 1) / B) blocks. With `share_prompts` (prefix caching) the
+    prompt's full blocks are held once per prompt while any sibling is scheduled.
+  * Running requests are served in the order they were scheduled. When the blocks run out,
+    the most recently scheduled request is preempted (FCFS policy): its blocks are freed, it
+    goes back to the front of the waiting queue, and when it is scheduled again its prompt
+    and generated tokens are computed again (counted in `recomputed_tokens`).
+  * Waiting requests (admitted by the policy, or preempted) are scheduled in queue order while
+    their blocks fit, and not at all in a step that preempted.
+Every scheduled request produces one token per step, as in the decode-step model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from .types import Seq
+
+
+class EngineKVModel:
+    """Which admitted sequences the engine decodes this step, within `capacity_tokens`."""
+
+    def __init__(self, capacity_tokens: int, block_tokens: int = 1, share_prompts: bool = False,
+                 max_running: int | None = None) -> None:
+        self.block_tokens = max(int(block_tokens), 1)
+        self.capacity_blocks = capacity_tokens // self.block_tokens
+        self.share_prompts = share_prompts
+        self.max_running = max_running
+        self.running: list[Seq] = []  # in scheduling order
+        self.waiting: deque[Seq] = deque()
+        self.preemptions = 0
+        self.recomputed_tokens = 0
+
+    def add(self, seq: Seq) -> None:
+        """The policy admitted `seq`: it joins the back of the waiting queue."""
+        self.waiting.append(seq)
+
+    def remove(self, seq: Seq) -> None:
+        """`seq` finished."""
+        self.running.remove(seq)
+
+    def _blocks(self, seqs: list[Seq], next_token: int = 1) -> int:
+        """Blocks `seqs` need for their next token (`next_token` 0: blocks they hold now)."""
+        b = self.block_tokens
+        total = 0
+        groups = set()
+        for s in seqs:
+            shared = s.prompt_tokens // b if self.share_prompts else 0
+            total += math.ceil((s.kv_tokens + next_token) / b) - shared
+            if shared and s.group_id not in groups:
+                groups.add(s.group_id)
+                total += shared
+        return total
+
+    def schedule(self) -> list[Seq]:
+        """The sequences that produce a token this step (the engine's running list after it)."""
+        preempted = False
+        while self.running and self._blocks(self.running) > self.capacity_blocks:
+            victim = self.running.pop()
+            self.preemptions += 1
+            self.recomputed_tokens += victim.kv_tokens
+            self.waiting.appendleft(victim)
+            preempted = True
+        if not preempted:
+            while self.waiting and (self.max_running is None or len(self.running) < self.max_running):
+                if self._blocks(self.running + [self.waiting[0]]) > self.capacity_blocks:
+                    if not self.running:
+                        s = self.waiting[0]
+                        raise RuntimeError(f"sequence {s.seq_id!r} needs more KV than the engine's "
+                                           f"{self.capacity_blocks} blocks of {self.block_tokens}")
+                    break
+                self.running.append(self.waiting.popleft())
+        return list(self.running)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens in blocks held now (blocks x block size)."""
+        return self._blocks(self.running, next_token=0) * self.block_tokens if self.running else 0
+
+
+def engine_kv_lower_bound_steps(items, capacity_tokens: int, block_tokens: int,
+                                share_prompts: bool) -> int:
+    """The KV-time area bound of `kv_lower_bound_steps`, counted in the engine's blocks:
+    ceil(blocks held over every step / blocks of the cache). items: (group_id, prompt_tokens,
+    length) per sequence. A sequence of prompt p and length L holds ceil((p + t) / B) blocks at
+    its t-th step; with `share_prompts` the prompt's full blocks are held once per prompt, for
+    as long as its longest sample. No engine of `capacity_tokens` decodes the items in fewer
+    steps, however they are scheduled and preempted (a preemption only adds work)."""
+    b = max(int(block_tokens), 1)
+    area = 0
+    longest: dict = {}
+    for g, p, n in items:
+        shared = p // b if share_prompts else 0
+        # sum over t = 1..n of ceil((p + t) / b), in closed form per block boundary crossing
+        area += _ceil_div_sum(p, n, b) - shared * n
+        if shared:
+            longest[g] = max(longest.get(g, (0, 0))[0], n), shared
+    area += sum(n * shared for n, shared in longest.values())
+    blocks = capacity_tokens // b
+    return math.ceil(area / max(blocks, 1)) if items else 0
+
+
+def _ceil_div_sum(p: int, n: int, b: int) -> int:
+    """sum_{t=1..n} ceil((p + t) / b)."""
+    def prefix(m: int) -> int:  # sum_{x=1..m} ceil(x / b)
+        q, r = divmod(m, b)
+        return b * q * (q + 1) // 2 + r * (q + 1)
+    return prefix(p + n) - prefix(p)
