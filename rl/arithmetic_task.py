@@ -44,3 +44,24 @@ def arithmetic_examples(num_examples: int = 4096, seed: int = 0, max_operand: in
         if not is_held_out(a, op, b):
             rows.append(row(a, op, b))
     return rows
+
+
+MIXED_PROMPTS_FILE = "configs/traces/mixed_prompts.yaml"
+
+
+def mixed_examples(seed: int = 0) -> list[dict]:
+    """`builtin:mixed`: the open-ended instructions of configs/traces/mixed_prompts.yaml
+    alternating with arithmetic questions (the rollout benchmark's `mixed` set). Open-ended rows
+    have no reference answer (answer None: the arithmetic reward scores them 0); they exist for
+    their long, varied response lengths, the workload Infinite Sampling schedules."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / MIXED_PROMPTS_FILE
+    open_ended = yaml.safe_load(path.read_text())["open_ended"]
+    arith = arithmetic_examples(num_examples=len(open_ended), seed=seed)
+    rows = []
+    for text, a in zip(open_ended, arith):
+        rows += [{"prompt": text, "answer": None}, a]
+    return rows

@@ -52,7 +52,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = "builtin:arithmetic"
-    """Local .jsonl/.json/.parquet/.csv file or directory, a hub dataset name, or `builtin:arithmetic`."""
+    """Local .jsonl/.json/.parquet/.csv file or directory, a hub dataset name, `builtin:arithmetic`,
+    or `builtin:mixed` (open-ended instructions alternating with arithmetic: long, varied
+    response lengths, for Infinite Sampling)."""
     split: str = "train"
     """Dataset split to train on."""
     prompt_key: str = "prompt"

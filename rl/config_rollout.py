@@ -61,7 +61,10 @@ class SchedulerConfig:
     fptas_eps: float | None = None
     """length_aware: FPTAS accuracy, the packing is within (1 - eps) of optimal; null = 0.05."""
     predictor: str | None = None
-    """length_aware: length predictor, token_conditioned | constant; null = token_conditioned."""
+    """length_aware: length predictor, token_conditioned | egtp | constant; null =
+    token_conditioned. egtp regresses length on the policy's entropy-pooled hidden states of the
+    prompt (rollout/prompt_encoder.py: a copy of the model in each rollout worker, one forward
+    over each step's prompts, metric rollout/prompt_encoder_seconds)."""
     regroup_fraction: float | None = None
     """length_aware: how much is regrouped; a new FPTAS grouping (instead of an SJF refill)
     when at least this fraction of the KV budget is free, in (0, 1]; null = 0.5."""
@@ -82,7 +85,7 @@ class SchedulerConfig:
     def __post_init__(self):
         _choice("rollout.scheduler.policy", self.policy, ("full_group", "naive_micro", "continuous", "length_aware"))
         if self.predictor is not None:
-            _choice("rollout.scheduler.predictor", self.predictor, ("token_conditioned", "constant"))
+            _choice("rollout.scheduler.predictor", self.predictor, ("token_conditioned", "egtp", "constant"))
         if self.fptas_eps is not None and not 0 < self.fptas_eps < 1:
             raise ConfigError(f"rollout.scheduler.fptas_eps = {self.fptas_eps} must be in (0, 1) (0.05 packs "
                               "within 5% of optimal).")

@@ -40,6 +40,11 @@ def load_rows(config: DataConfig, seed: int = 0):
         if config.split not in ("train", "test"):
             raise DataError(f"data.split = {config.split!r}: builtin:arithmetic has the splits train and test.")
         ds = datasets.Dataset.from_list(arithmetic_examples(seed=seed, split=config.split))
+    elif config.path == "builtin:mixed":
+        from rl.arithmetic_task import mixed_examples
+        if config.split != "train":
+            raise DataError(f"data.split = {config.split!r}: builtin:mixed has only the split train.")
+        ds = datasets.Dataset.from_list(mixed_examples(seed=seed))
     else:
         path = Path(config.path)
         try:
@@ -58,7 +63,7 @@ def load_rows(config: DataConfig, seed: int = 0):
         except Exception as e:  # datasets raises many types; the user needs the path and the cause
             raise DataError(f"data.path = {config.path!r} (split {config.split!r}) could not be loaded: "
                             f"{type(e).__name__}: {e}. Give a local .jsonl/.json/.parquet/.csv file, "
-                            f"a dataset directory, or `builtin:arithmetic`.") from None
+                            f"a dataset directory, `builtin:arithmetic` or `builtin:mixed`.") from None
     for key_name in ("prompt_key", "answer_key"):
         key = getattr(config, key_name)
         if key is not None and key not in ds.column_names:

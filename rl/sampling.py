@@ -181,6 +181,9 @@ def _rollout_stats(stats: list) -> dict:
     bounds = [x["kv_lower_bound"] for x in extra if x.get("kv_lower_bound") is not None]
     if bounds:
         out["rollout/lower_bound_steps"] = max(bounds)
+    encode = [x["prompt_encoder_seconds"] for x in extra if x.get("prompt_encoder_seconds") is not None]
+    if encode:  # the egtp predictor's cost: one forward over the step's prompts per worker
+        out["rollout/prompt_encoder_seconds"] = max(encode)
     errors = [x["predictor_mae"] for x in extra if x.get("predictor_mae") is not None]
     if errors:
         out["rollout/predictor_mae"] = sum(errors) / len(errors)

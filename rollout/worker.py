@@ -185,6 +185,8 @@ class RolloutWorker(EngineWeights):
             args["weight_transfer_config"] = {"backend": ENGINE_BACKEND}
         args.update(engine_kwargs or {})
         self.engine = _build_engine(EngineArgs(**args), engine_kv_tokens)
+        self.model_path = model_path
+        self._prompt_encoder = None  # built when a length predictor needs prompt features
         self.tokenizer = self.engine.get_tokenizer()
         self.probe = EngineProbe(self.engine)  # engine KV usage and preemption counter
         self.cache_tokens = self.probe.cache_tokens
@@ -217,6 +219,24 @@ class RolloutWorker(EngineWeights):
 
     # --- generation -------------------------------------------------------------------
 
+    def _prompt_features(self, prompts: list[tuple[int, ...]]) -> tuple[dict, float]:
+        """EGTP features of the distinct `prompts` when the policy's length predictor needs
+        them ({prompt ids: [hidden] array}, seconds spent); ({}, 0.0) otherwise."""
+        predictor = getattr(self.policy, "predictor", None)
+        if not getattr(predictor, "needs_prompt_features", False):
+            return {}, 0.0
+        import time
+
+        t0 = time.perf_counter()
+        if self._prompt_encoder is None:
+            from rollout.prompt_encoder import PromptEncoder
+
+            device = "cuda" if not _on_cpu() else "cpu"
+            self._prompt_encoder = PromptEncoder(self.model_path, device=device)
+        distinct = list(dict.fromkeys(prompts))
+        feats = self._prompt_encoder.encode(distinct)
+        return dict(zip(distinct, feats)), time.perf_counter() - t0
+
     def generate(self, requests: list[SampleRequest], group_size: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0,
                  extra_args: dict | None = None, interruptible: bool = False,
@@ -242,18 +262,23 @@ class RolloutWorker(EngineWeights):
         )
         seqs: list[Seq] = []
         prompts: dict[str, tuple[int, int, list[int]]] = {}
+        features, encode_s = self._prompt_features([tuple(r.prompt_ids) for r in requests])
         for req in requests:
             for k in range(group_size):
                 rid = f"r{self._request_counter}"
                 self._request_counter += 1
                 seqs.append(Seq(rid, req.group_id, len(req.prompt_ids), max_new_tokens,
-                                prompt_ids=tuple(req.prompt_ids)))
+                                prompt_ids=tuple(req.prompt_ids),
+                                prompt_features=features.get(tuple(req.prompt_ids))))
                 prompts[rid] = (req.group_id, k, req.prompt_ids)
 
         finished, stats = run_rollout(
             self.engine, self.policy, seqs, {rid: p[2] for rid, p in prompts.items()}, params,
             self.kv_budget_tokens, self.slots, self.probe, self.record_timeline,
             should_stop=self._interrupt.is_set if interruptible else None)
+        if features:
+            stats.extra["prompt_encoder_seconds"] = encode_s
+            stats.seconds += encode_s  # part of this rollout's time: it runs before admission
 
         samples, unfinished = [], []
         partial = stats.extra.pop("unfinished", {})
@@ -285,12 +310,14 @@ class RolloutWorker(EngineWeights):
         from scheduling import Seq
 
         seqs, prompts, by_rid = [], {}, {}
+        features, _ = self._prompt_features([tuple(p.prompt_ids) for p in partials])
         for p in partials:
             rid = f"r{self._request_counter}"
             self._request_counter += 1
             full_prompt = list(p.prompt_ids) + list(p.response_ids)
             left = p.max_new_tokens - len(p.response_ids)
-            seqs.append(Seq(rid, p.group_id, len(full_prompt), left, prompt_ids=tuple(p.prompt_ids)))
+            seqs.append(Seq(rid, p.group_id, len(full_prompt), left, prompt_ids=tuple(p.prompt_ids),
+                            prompt_features=features.get(tuple(p.prompt_ids))))
             prompts[rid] = full_prompt
             by_rid[rid] = (p, SamplingParams(temperature=temperature, top_p=top_p, max_tokens=left, logprobs=0,
                                              extra_args=extra_args or None))

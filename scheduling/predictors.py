@@ -53,6 +53,8 @@ class LengthPredictor(ABC):
     group_level: bool = False
     """True if predictions depend only on (group, prompt, generated), not on the seq_id:
     callers may then predict once per group and progress (cheaper)."""
+    needs_prompt_features: bool = False
+    """True if `Seq.prompt_features` must be set (the rollout worker then encodes prompts)."""
 
     @abstractmethod
     def predict(self, seq: Seq) -> float:
@@ -247,6 +249,86 @@ class TokenConditionedPredictor(LengthPredictor):
         self._feat_cache.clear()  # group ids may be reused for different prompts next step
 
 
+class EntropyPooledPredictor(TokenConditionedPredictor):
+    """EGTP + PLP: the token-conditioned model on the policy's own view of the prompt.
+
+    Features x = [1, log(1 + prompt_tokens), scale * (f - center) / |f - center|], where f is
+    the prompt's entropy-pooled hidden state (`Seq.prompt_features`, rollout/prompt_encoder.py)
+    and center the mean f of the first `center_prompts` distinct prompts seen (a common
+    direction that every hidden state shares would otherwise dominate the cosine geometry; it
+    is frozen afterwards so the head's inputs stop moving). Hidden sizes above `max_dim` are
+    reduced by a fixed random projection (the head is O(d^2) per observation).
+
+    The head is the parent's: recursive least squares on log length, trained online from every
+    finished sample, with the per-prompt evidence of finished siblings.
+
+    PLP (progressive length prediction): the remaining length of a running sequence is
+    predicted again at every plan, from the same posterior conditioned on the tokens it has
+    produced (L > generated) and on its finished siblings; `length_aware`'s SJF refill, tail
+    guard and optimistic projection all read `predict_remaining`, so every update reaches them.
+    The hidden states of generated tokens are not used: vLLM does not return them, and
+    re-encoding every running sequence with the worker's model copy would cost a forward pass
+    over all running tokens per update.
+    """
+
+    name = "egtp"
+    needs_prompt_features = True
+
+    def __init__(self, max_dim: int = 1024, scale: float = 4.0, center_prompts: int = 64,
+                 ridge: float = 0.1, seed: int = 0, **kw) -> None:
+        self.max_dim, self.scale, self.center_prompts, self.seed = max_dim, scale, center_prompts, seed
+        self._hidden: int | None = None
+        self._proj: np.ndarray | None = None
+        self._center_sum: np.ndarray | None = None
+        self._center_n = 0
+        self._centered_groups: set = set()
+        super().__init__(n_hash=1, ridge=ridge, **kw)  # resized at the first prompt seen
+        self._ridge = ridge
+
+    def _setup(self, hidden: int) -> None:
+        self._hidden = hidden
+        dim = min(hidden, self.max_dim)
+        if dim < hidden:
+            rng = np.random.default_rng(self.seed)
+            self._proj = rng.standard_normal((dim, hidden)) / math.sqrt(dim)
+        d = 2 + dim
+        bias = self.theta[0]
+        self.n_hash = dim
+        self.theta = np.zeros(d)
+        self.theta[0] = bias
+        self.P = np.eye(d) / self._ridge
+        self._center_sum = np.zeros(hidden)
+
+    def features(self, seq: Seq) -> np.ndarray:
+        key = (seq.group_id, seq.prompt_tokens)
+        x = self._feat_cache.get(key)
+        if x is not None:
+            return x
+        if seq.prompt_features is None:
+            raise ValueError("the egtp length predictor needs prompt features (Seq.prompt_features): "
+                             "the rollout worker computes them with rollout.prompt_encoder.PromptEncoder; "
+                             "use predictor token_conditioned where there is no model to encode prompts")
+        f = np.asarray(seq.prompt_features, dtype=float).ravel()
+        if self._hidden is None:
+            self._setup(f.size)
+        elif f.size != self._hidden:
+            raise ValueError(f"prompt features of size {f.size}, the predictor was built for {self._hidden}")
+        if self._center_n < self.center_prompts and key not in self._centered_groups:
+            self._centered_groups.add(key)
+            self._center_sum += f
+            self._center_n += 1
+        h = f - self._center_sum / max(self._center_n, 1)
+        h = self.scale * h / max(float(np.linalg.norm(h)), 1e-12)
+        z = self._proj @ h if self._proj is not None else h
+        x = np.concatenate([[1.0, math.log1p(seq.prompt_tokens)], z])
+        self._feat_cache[key] = x
+        return x
+
+    def begin_rollout(self) -> None:
+        super().begin_rollout()
+        self._centered_groups.clear()
+
+
 _PREDICTORS: dict[str, Callable[..., LengthPredictor]] = {}
 
 
@@ -262,7 +344,7 @@ def register_predictor(name: str):
     return deco
 
 
-for _cls in (TokenConditionedPredictor, OracleLengthPredictor, ConstantPredictor):
+for _cls in (TokenConditionedPredictor, EntropyPooledPredictor, OracleLengthPredictor, ConstantPredictor):
     register_predictor(_cls.name)(_cls)
 
 
@@ -271,7 +353,7 @@ def predictor_names() -> list[str]:
 
 
 def make_predictor(name: str, **kw) -> LengthPredictor:
-    """Build a predictor by registry name (`token_conditioned`, `oracle`, `constant`)."""
+    """Build a predictor by registry name (`token_conditioned`, `egtp`, `oracle`, `constant`)."""
     if name not in _PREDICTORS:
         raise ValueError(f"unknown predictor {name!r}; valid names: {', '.join(predictor_names())}")
     return _PREDICTORS[name](**kw)

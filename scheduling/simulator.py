@@ -47,6 +47,9 @@ class SimResult:
     """with `engine`: prompt + generated tokens of the preempted sequences (computed again)."""
     engine_kv_lower_bound: int = 0
     """with `engine`: the area bound in the engine's blocks (`engine_kv_lower_bound_steps`)."""
+    predictor_mae: float | None = None
+    """|predicted - true| output length, the prediction taken at admission (what the plan
+    used), mean over the sequences; None for a policy without a length predictor."""
 
     @property
     def steps_over_bound(self) -> float:
@@ -112,6 +115,8 @@ def simulate(
     running: list = []
     steps = peak_kv = peak_conc = tokens = over = calls = 0
     overhead = 0.0
+    predictor = getattr(policy, "predictor", None)
+    errors: list[float] = []
     ask = True
     limit = max_steps if max_steps is not None else 10 * (sum(true_len) + 1)
     while pending or running:
@@ -129,6 +134,8 @@ def simulate(
                 if bad:
                     raise RuntimeError(f"{policy.name}: admitted ids not pending: {sorted(bad)[:5]}")
                 running.extend(by_id[i] for i in ids)
+                if predictor is not None:
+                    errors += [abs(float(predictor.predict(by_id[i])) - true_len[i]) for i in ids]
                 if engine is not None:
                     for i in ids:
                         engine.add(by_id[i])
@@ -173,6 +180,7 @@ def simulate(
                                             kv_budget_tokens),
         preemptions=engine.preemptions if engine is not None else 0,
         recomputed_tokens=engine.recomputed_tokens if engine is not None else 0,
+        predictor_mae=sum(errors) / len(errors) if errors else None,
         engine_kv_lower_bound=engine_kv_lower_bound_steps(
             trace.items, engine.capacity_blocks * engine.block_tokens, engine.block_tokens,
             engine.share_prompts) if engine is not None else 0,

@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -42,6 +42,9 @@ class Trace:
     max_new_tokens: int
     prompt_ids: dict[GroupId, tuple[int, ...]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    prompt_features: dict[GroupId, Any] = field(default_factory=dict)
+    """EGTP features per group, for the egtp predictor: computed from `prompt_ids` with the
+    model (rl.bench rollout --simulate does), never saved in the JSON trace."""
 
     def __post_init__(self) -> None:
         for g, p, n in self.items:
@@ -63,7 +66,8 @@ class Trace:
     def to_seqs(self) -> list[Seq]:
         """Fresh Seq records; seq_id = index in `items` (the simulator's convention)."""
         return [
-            Seq(i, g, p, self.max_new_tokens, prompt_ids=self.prompt_ids.get(g))
+            Seq(i, g, p, self.max_new_tokens, prompt_ids=self.prompt_ids.get(g),
+                prompt_features=self.prompt_features.get(g))
             for i, (g, p, _) in enumerate(self.items)
         ]
 

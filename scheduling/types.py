@@ -7,7 +7,7 @@ and the simulator own the records and advance `generated`; policies and predicto
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Any, Hashable
 
 SeqId = Hashable  # int in the simulator; the executor may use vLLM request-id strings
 GroupId = Hashable
@@ -34,6 +34,9 @@ class Seq:
     """Output tokens generated so far (advanced by the executor / simulator)."""
     prompt_ids: tuple[int, ...] | None = field(default=None, repr=False)
     """Prompt token ids, optional: feeds the token-conditioned length predictor."""
+    prompt_features: Any = field(default=None, repr=False)
+    """The prompt's EGTP features ([hidden] array: rollout/prompt_encoder.py), optional:
+    feeds the egtp length predictor. Siblings share one array."""
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 0:

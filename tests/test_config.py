@@ -88,6 +88,8 @@ def test_shipped_configs_validate():
     ("naive_micro", "predictor", "token_conditioned", "length_aware"),  # the default value, but set
     ("naive_micro", "regroup_fraction", 0.3, "length_aware"),
     ("continuous", "tail_guard", False, "length_aware"),
+    ("full_group", "admission", "conservative", "length_aware"),
+    ("naive_micro", "admission_horizon", 32, "length_aware"),
 ])
 def test_a_scheduler_key_the_policy_does_not_read_is_rejected(policy, key, value, readers):
     with pytest.raises(ConfigError) as e:
@@ -106,8 +108,22 @@ def test_keys_of_the_chosen_policy_are_accepted():
     load_config(None, ["rollout.scheduler.policy=length_aware", "rollout.scheduler.micro_group_size=4",
                        "rollout.scheduler.fptas_eps=0.1", "rollout.scheduler.predictor=constant",
                        "rollout.scheduler.regroup_fraction=0.25", "rollout.scheduler.tail_guard=false"])
+    c = load_config(None, ["rollout.scheduler.policy=length_aware", "rollout.scheduler.predictor=egtp",
+                           "rollout.scheduler.admission=conservative", "rollout.scheduler.admission_horizon=64"])
+    kw = c.rollout.scheduler.worker_options(group_size=8)["policy_kwargs"]
+    assert kw["predictor"] == "egtp" and kw["admission"] == "conservative" and kw["admission_horizon"] == 64
     load_config(None, ["rollout.scheduler.policy=continuous", "rollout.scheduler.micro_group_size=2",
                        "rollout.scheduler.slots=8"])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("admission", "greedy", "rollout.scheduler.admission = 'greedy' is not valid: use one of optimistic, conservative"),
+    ("admission_horizon", 0, "rollout.scheduler.admission_horizon = 0 must be a positive integer"),
+    ("predictor", "hidden", "rollout.scheduler.predictor = 'hidden' is not valid: use one of token_conditioned, egtp"),
+])
+def test_bad_length_aware_settings_name_the_key_and_the_choices(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["rollout.scheduler.policy=length_aware", f"rollout.scheduler.{key}={value}"])
 
 
 @pytest.mark.parametrize("g", [0, 9, -1])

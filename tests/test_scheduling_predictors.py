@@ -64,7 +64,7 @@ def test_factory():
     assert isinstance(make_predictor("token_conditioned", n_hash=16), TokenConditionedPredictor)
     assert isinstance(make_predictor("oracle", lengths={1: 3}), OracleLengthPredictor)
     assert isinstance(make_predictor("constant"), ConstantPredictor)
-    with pytest.raises(ValueError, match="constant, oracle, token_conditioned"):
+    with pytest.raises(ValueError, match="constant, egtp, oracle, token_conditioned"):
         make_predictor("hidden_state")
 
 

@@ -137,6 +137,30 @@ def warm_predictor(predictor: LengthPredictor, traces: Sequence[Trace]) -> Lengt
     return predictor
 
 
+def attach_prompt_features(traces: Sequence[Trace], model: str) -> float:
+    """Give every trace the EGTP features of its prompts (`Trace.prompt_features`), encoded
+    with `model` (the egtp predictor needs them; traces keep the prompt ids, not the
+    features). Returns the mean seconds per prompt."""
+    from rollout.prompt_encoder import PromptEncoder
+
+    if model.startswith("demo:"):
+        from rl.demo_model import prepare_demo_model
+
+        model = str(prepare_demo_model())
+    encoder = PromptEncoder(model)
+    n, t0 = 0, time.perf_counter()
+    for tr in traces:
+        groups = sorted({g for g, _, _ in tr.items}, key=str)
+        missing = [g for g in groups if g not in tr.prompt_ids]
+        if missing:
+            raise SystemExit(f"the egtp predictor needs prompt ids; this trace has none for groups {missing[:5]} "
+                             "(record traces with --record-trace)")
+        feats = encoder.encode([tr.prompt_ids[g] for g in groups])
+        tr.prompt_features.update(zip(groups, feats))
+        n += len(groups)
+    return (time.perf_counter() - t0) / max(n, 1)
+
+
 def default_kv_budget(trace: Trace, slots: int) -> int:
     """slots x (mean prompt + max_new_tokens): an engine sized so that `slots` sequences of full
     length fit, i.e. the slot count, not the KV, is the binding limit (as vLLM's max_num_seqs
@@ -231,6 +255,8 @@ def simulate(args) -> dict:
     policies = [p.strip() for p in args.policies.split(",")]
     rows = []
     preds = [p.strip() for p in (args.predictor or "oracle,token_conditioned").split(",")]
+    if "egtp" in preds:
+        attach_prompt_features([trace, *warm], args.model)
     admissions = [a.strip() for a in args.admission.split(",")]
     block = args.block_size if args.engine_model else None
     if args.engine_model and not args.kv_budget:
@@ -305,6 +331,8 @@ def real(args) -> dict:
     sampling = dict(group_size=G, max_new_tokens=T, temperature=args.temperature)
     worker.generate(requests[:1], group_size=2, max_new_tokens=8)  # first-step costs, untimed
     warm = [load_trace(p) for p in args.warmup_lengths]
+    if "egtp" in (args.predictor or ""):
+        attach_prompt_features(warm, model)
     rows, first = [], None
     for name in [p.strip() for p in args.policies.split(",")]:
         preds = (args.predictor or "token_conditioned").split(",") if name == "length_aware" else ["-"]
@@ -356,7 +384,8 @@ def real_row(policy: str, predictor: str, st, budget: int) -> dict:
         "lower_bound": x["lower_bound"],
         "steps_over_bound": st.decode_steps / max(x["lower_bound"], 1),
         "kv_lower_bound": x["kv_lower_bound"], "engine_kv_lower_bound": x["engine_kv_lower_bound"],
-        "recomputed_tokens": x["recomputed_tokens"],
+        "recomputed_tokens": x["recomputed_tokens"], "predictor_mae": x["predictor_mae"],
+        "prompt_encoder_s": x.get("prompt_encoder_seconds"),
         "peak_kv_tokens": st.peak_kv_tokens, "engine_peak_kv_tokens": x["engine_peak_kv_tokens"],
         "kv_budget_tokens": x["kv_budget_tokens"], "slots": x["slots"],
         "peak_concurrency": st.peak_running, "engine_peak_running": x["engine_peak_running"],
@@ -390,9 +419,11 @@ def format_table(rows: Sequence[dict]) -> str:
         ("preemptions", "preempt", "{}"),
         ("recomputed_tokens", "recomputed", "{}"),
         ("engine_kv_lower_bound", "block_bound", "{}"),
+        ("predictor_mae", "mae", "{:.1f}"),
         ("overhead_s", "sched_s", "{:.3f}"),
     ]
-    cells = [[h for _, h, _ in cols]] + [[f.format(r[k]) for k, _, f in cols] for r in rows]
+    cells = [[h for _, h, _ in cols]] + [["-" if r[k] is None else f.format(r[k]) for k, _, f in cols]
+                                         for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
     lines.insert(1, "-" * len(lines[0]))
@@ -408,8 +439,10 @@ def format_rows(rows: list[dict], mode: str) -> str:
             ("engine_peak_kv_tokens", "{}"), ("kv_budget_tokens", "{}"), ("slots", "{}"),
             ("peak_concurrency", "{}"), ("tokens_per_s", "{:.0f}"), ("wall_s", "{:.1f}"),
             ("engine_over_budget_steps", "{}"), ("preemptions", "{}"), ("recomputed_tokens", "{}"),
-            ("engine_kv_lower_bound", "{}"), ("overhead_s", "{:.3f}"), ("overhead_frac", "{:.2%}")]
-    cells = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
+            ("engine_kv_lower_bound", "{}"), ("predictor_mae", "{:.1f}"), ("prompt_encoder_s", "{:.2f}"),
+            ("overhead_s", "{:.3f}"), ("overhead_frac", "{:.2%}")]
+    cells = [[c for c, _ in cols]] + [["-" if r.get(c) is None else f.format(r[c]) for c, f in cols]
+                                      for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
