@@ -221,18 +221,20 @@ class RolloutWorker(EngineWeights):
 
     def _prompt_features(self, prompts: list[tuple[int, ...]]) -> tuple[dict, float]:
         """EGTP features of the distinct `prompts` when the policy's length predictor needs
-        them ({prompt ids: [hidden] array}, seconds spent); ({}, 0.0) otherwise."""
+        them ({prompt ids: [hidden] array}, seconds spent encoding); ({}, 0.0) otherwise."""
         predictor = getattr(self.policy, "predictor", None)
         if not getattr(predictor, "needs_prompt_features", False):
             return {}, 0.0
         import time
 
-        t0 = time.perf_counter()
         if self._prompt_encoder is None:
             from rollout.prompt_encoder import PromptEncoder
 
+            t0 = time.perf_counter()
             device = "cuda" if not _on_cpu() else "cpu"
             self._prompt_encoder = PromptEncoder(self.model_path, device=device)
+            print(f"egtp prompt encoder loaded in {time.perf_counter() - t0:.1f} s ({device})", flush=True)
+        t0 = time.perf_counter()  # the per-step cost: encoding only, not the one-time load
         distinct = list(dict.fromkeys(prompts))
         feats = self._prompt_encoder.encode(distinct)
         return dict(zip(distinct, feats)), time.perf_counter() - t0

@@ -96,3 +96,42 @@ def test_shipped_traces_are_real_smollm2_rollouts_with_g16(path):
     assert set(counts.values()) == {16} and len(counts) >= 32
     assert set(trace.prompt_ids) == set(counts)  # prompt ids feed the learned predictor
     assert 1 <= min(trace.lengths) and max(trace.lengths) <= trace.max_new_tokens
+
+
+def test_replaying_a_runs_steps_carries_the_predictor_over_and_sums_them(tmp_path):
+    """Several --lengths: each step is simulated as a single trace whose warm-up is every
+    earlier step; the rows are the sums over the steps."""
+    from rl.bench.rollout import replay_steps
+
+    steps = [synthetic_trace("lognormal", 4, 8, 128, seed=s) for s in range(3)]
+    rows = replay_steps(steps, [], ["continuous", "length_aware"], slots=8, kv_budget_tokens=2048,
+                        predictor="token_conditioned")
+    alone = []
+    for k, trace in enumerate(steps):
+        from rl.bench.rollout import warm_predictor
+        from scheduling import make_predictor
+
+        pred = warm_predictor(make_predictor("token_conditioned"), steps[:k])
+        alone.append(simulate_policies(trace, ["continuous", "length_aware"], 8, 2048, pred))
+    for i, name in enumerate(["continuous", "length_aware"]):
+        assert rows[i]["policy"] == name and rows[i]["traces"] == 3
+        assert rows[i]["decode_steps"] == sum(a[i]["decode_steps"] for a in alone)
+        assert rows[i]["lower_bound"] == sum(a[i]["lower_bound"] for a in alone)
+        assert rows[i]["peak_kv_tokens"] == max(a[i]["peak_kv_tokens"] for a in alone)
+    mae = sum(a[1]["predictor_mae"] * len(t.items) for a, t in zip(alone, steps)) / sum(len(t.items) for t in steps)
+    assert rows[1]["predictor_mae"] == pytest.approx(mae)
+    # the carried predictor matters: a cold start at every step plans differently
+    cold = [simulate_policies(t, ["length_aware"], 8, 2048, "token_conditioned")[0] for t in steps]
+    assert sum(c["predictor_mae"] for c in cold) != pytest.approx(sum(a[1]["predictor_mae"] for a in alone))
+
+    paths = []
+    for k, trace in enumerate(steps):
+        paths.append(str(tmp_path / f"step_{k}.json"))
+        save_trace(paths[-1], trace)
+    out_json = tmp_path / "replay.json"
+    assert main(["rollout", "--simulate", "--lengths", *paths, "--slots", "8", "--kv-budget", "2048",
+                 "--policies", "continuous,length_aware", "--predictor", "token_conditioned",
+                 "--json", str(out_json)]) == 0
+    doc = json.loads(out_json.read_text())
+    assert [r["decode_steps"] for r in doc["rows"]] == [r["decode_steps"] for r in rows]
+    assert doc["sequences"] == sum(len(t.items) for t in steps)

@@ -57,7 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--simulate", action="store_true", help="decode-step simulator instead of vLLM")
-    p.add_argument("--lengths", help="simulate on this JSON length trace")
+    p.add_argument("--lengths", nargs="+",
+                   help="simulate on this JSON length trace; several (the steps of a training run, "
+                        "in order): each is simulated in turn and the learned predictor carries "
+                        "over what it learned from the earlier ones, as in training (sums reported)")
     p.add_argument("--warmup-lengths", nargs="*", default=[],
                    help="traces of earlier steps the learned predictor observes first (both modes)")
     p.add_argument("--synthetic", choices=["lognormal", "pareto"], default="lognormal",
@@ -241,10 +244,49 @@ def time_fptas(n: int = 4096, eps: float = 0.05, capacity_fraction: float = 0.25
             "best_ms": 1e3 * min(times), "median_ms": 1e3 * float(np.median(times))}
 
 
+SUMMED = ("decode_steps", "lower_bound", "total_tokens", "overhead_s", "plan_calls", "kv_over_budget_steps",
+          "kv_lower_bound", "preemptions", "recomputed_tokens", "engine_kv_lower_bound")
+
+
+def replay_steps(traces: Sequence[Trace], warm: Sequence[Trace], policies: Sequence[str], slots: int,
+                 kv_budget_tokens: int | None, predictor: str, plan_every_step: bool = False,
+                 micro_group_size: int | None = None, admission: str = "optimistic",
+                 engine_block_tokens: int | None = None) -> list[dict]:
+    """The rollouts of a training run, in order: each trace is simulated, then the learned
+    predictor observes its lengths before the next (what it does in training), starting from
+    `warm` (none: a cold start). One row per policy, summed over the traces (peaks: the max;
+    MAE: the mean over all sequences)."""
+    carried = None if predictor == "oracle" else warm_predictor(make_predictor(predictor), warm)
+    per_step: list[list[dict]] = []
+    for trace in traces:
+        per_step.append(simulate_policies(trace, policies, slots, kv_budget_tokens,
+                                          "oracle" if carried is None else carried,
+                                          plan_every_step, micro_group_size, admission, engine_block_tokens))
+        if carried is not None:
+            warm_predictor(carried, [trace])
+    rows = []
+    for i, first in enumerate(per_step[0]):
+        steps = [rows_k[i] for rows_k in per_step]
+        row = dict(first)
+        for key in SUMMED:
+            row[key] = sum(r[key] for r in steps)
+        for key in ("peak_kv_tokens", "peak_concurrency", "kv_budget_tokens"):
+            row[key] = max(r[key] for r in steps)
+        row["mean_concurrency"] = row["total_tokens"] / max(row["decode_steps"], 1)
+        row["steps_over_bound"] = row["decode_steps"] / max(row["lower_bound"], 1)
+        maes = [(r["predictor_mae"], len(t.items)) for r, t in zip(steps, traces) if r["predictor_mae"] is not None]
+        row["predictor_mae"] = (sum(m * n for m, n in maes) / sum(n for _, n in maes)) if maes else None
+        row["traces"] = len(traces)
+        rows.append(row)
+    return rows
+
+
 def simulate(args) -> dict:
     slots = args.slots or 32
+    if args.lengths and len(args.lengths) > 1:
+        return simulate_replay(args, slots)
     if args.lengths:
-        trace = load_trace(args.lengths)
+        trace = load_trace(args.lengths[0])
         warm = [load_trace(p) for p in args.warmup_lengths]
     else:
         def synth(seed: int) -> Trace:
@@ -270,13 +312,41 @@ def simulate(args) -> dict:
     for r in rows:  # later predictor runs compare with the first run's full_group
         r["peak_kv_vs_full"] = r["peak_kv_tokens"] / full if full else math.nan
     out = {"mode": "simulate", "rows": rows, "slots": slots,
-           "trace": args.lengths or f"synthetic:{args.synthetic}", "warmup": args.warmup_lengths,
+           "trace": args.lengths[0] if args.lengths else f"synthetic:{args.synthetic}",
+           "warmup": args.warmup_lengths,
            "sequences": len(trace.items), "groups": len({g for g, _, _ in trace.items}),
            "mean_length": sum(trace.lengths) / len(trace.items),
            "max_length": max(trace.lengths), "max_new_tokens": trace.max_new_tokens}
     if args.fptas:
         out["fptas"] = [time_fptas(capacity_fraction=f) for f in (0.25, 0.02, 0.001)]
     return out
+
+
+def simulate_replay(args, slots: int) -> dict:
+    """`simulate` for several traces in order (`replay_steps`)."""
+    traces = [load_trace(p) for p in args.lengths]
+    warm = [load_trace(p) for p in args.warmup_lengths]
+    policies = [p.strip() for p in args.policies.split(",")]
+    preds = [p.strip() for p in (args.predictor or "oracle,token_conditioned").split(",")]
+    if "egtp" in preds:
+        attach_prompt_features([*traces, *warm], args.model)
+    admissions = [a.strip() for a in args.admission.split(",")]
+    block = args.block_size if args.engine_model else None
+    if args.engine_model and not args.kv_budget:
+        raise SystemExit("--engine-model needs --kv-budget, the engine's KV tokens")
+    rows = []
+    for i, (name, admission) in enumerate((p, a) for p in preds for a in admissions):
+        names = policies if i == 0 else [p for p in policies if p in PREDICTOR_POLICIES]
+        rows += replay_steps(traces, warm, names, slots, args.kv_budget, name, args.every_step,
+                             args.micro_group_size, admission, block)
+    full = next((r["peak_kv_tokens"] for r in rows if r["policy"] == "full_group"), None)
+    for r in rows:
+        r["peak_kv_vs_full"] = r["peak_kv_tokens"] / full if full else math.nan
+    lengths = [n for t in traces for n in t.lengths]
+    return {"mode": "simulate", "rows": rows, "slots": slots, "trace": args.lengths, "warmup": args.warmup_lengths,
+            "sequences": len(lengths), "groups": sum(len({g for g, _, _ in t.items}) for t in traces),
+            "mean_length": sum(lengths) / len(lengths), "max_length": max(lengths),
+            "max_new_tokens": max(t.max_new_tokens for t in traces)}
 
 
 # --- real engine ---------------------------------------------------------------------------------
