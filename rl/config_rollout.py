@@ -22,6 +22,7 @@ POLICY_KEYS = {
     "tail_guard": ("length_aware",),
     "admission": ("length_aware",),
     "admission_horizon": ("length_aware",),
+    "preemption": ("length_aware",),
 }
 
 
@@ -81,6 +82,12 @@ class SchedulerConfig:
     admission_horizon: int | None = None
     """length_aware, optimistic admission: decode steps of KV growth a new admission must leave
     room for; null = 16 (longer: fewer preemptions, emptier cache)."""
+    preemption: str | None = None
+    """length_aware: what vLLM preempts when sequences outgrow the cache. lifo: vLLM's own
+    choice, the most recently scheduled request; predicted_longest: the longest predicted
+    output (and its waiting queue served shortest predicted first); predicted_shortest: the
+    shortest predicted (longest first). The predicted ones run vLLM's priority scheduling with
+    the predicted length as priority; null = lifo."""
 
     def __post_init__(self):
         _choice("rollout.scheduler.policy", self.policy, ("full_group", "naive_micro", "continuous", "length_aware"))
@@ -98,6 +105,9 @@ class SchedulerConfig:
             _choice("rollout.scheduler.admission", self.admission, ("optimistic", "conservative"))
         if self.admission_horizon is not None:
             _positive("rollout.scheduler.admission_horizon", self.admission_horizon)
+        if self.preemption is not None:
+            _choice("rollout.scheduler.preemption", self.preemption,
+                    ("lifo", "predicted_longest", "predicted_shortest"))
         self._check_budget()
         self.check_keys()
         self.budget_per_worker: int | None = self.kv_budget_tokens if isinstance(self.kv_budget_tokens, int) else None
@@ -134,7 +144,7 @@ class SchedulerConfig:
 
     def worker_options(self, group_size: int) -> dict:
         """RolloutWorker keyword arguments (rl.actors.scheduler_options): policy, policy_kwargs,
-        kv_budget_tokens and engine_kv_tokens (both `budget_per_worker`), slots. Keys left null
+        kv_budget_tokens and engine_kv_tokens (both `budget_per_worker`), slots, preemption. Keys left null
         take the policy's default here.
 
         Micro groups (g = micro_group_size): at most g sequences in flight, so a group of G is
@@ -161,7 +171,7 @@ class SchedulerConfig:
             slots = min(slots, g) if slots else g
         budget = self.budget_per_worker
         return {"policy": self.policy, "policy_kwargs": kwargs, "kv_budget_tokens": budget,
-                "engine_kv_tokens": budget, "slots": slots}
+                "engine_kv_tokens": budget, "slots": slots, "preemption": self.preemption or "lifo"}
 
     def resolve_budget(self, prompts_per_worker: int, group_size: int, sequence_tokens: int) -> None:
         """Set `budget_per_worker`: kv_budget_tokens, or with auto kv_budget_fraction x

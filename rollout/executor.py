@@ -64,6 +64,28 @@ class EngineProbe:
 
         self.scheduler._preempt_request = counted
 
+    def set_priority_scheduling(self, on: bool) -> None:
+        """Switch vLLM's scheduler between FCFS (preempt the most recently scheduled request) and
+        priority scheduling (preempt the largest (priority, arrival); the waiting queue served
+        smallest first), between rollouts. The engine is built with one of the two
+        (EngineArgs.scheduling_policy, what training uses); this lets a benchmark compare both
+        in one engine. Only with empty queues: the waiting queue's type changes with it."""
+        from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
+
+        s = self.scheduler
+        if s is None:
+            raise RuntimeError("the engine's scheduler is not in this process: build the engine with "
+                               "scheduling_policy='priority' instead")
+        policy = SchedulingPolicy.PRIORITY if on else SchedulingPolicy.FCFS
+        if s.policy == policy:
+            return
+        if len(s.running) or len(s.waiting):
+            raise RuntimeError("the scheduling policy can only change between rollouts")
+        s.policy = policy
+        s.waiting = create_request_queue(policy)
+        if hasattr(s, "kv_holding_waiting"):
+            s.kv_holding_waiting = create_request_queue(policy)
+
     def kv_tokens(self) -> int | None:
         """KV tokens in blocks referenced by requests now (shared prefix blocks count once;
         cached blocks that no request holds are free). None when unknown."""
@@ -80,6 +102,18 @@ class EngineProbe:
         return len(getattr(s, "running", ())), len(getattr(s, "waiting", ()))
 
 
+PREEMPTIONS = ("lifo", "predicted_longest", "predicted_shortest")
+
+
+def _priority(preemption: str, predicted_length: float | None) -> int:
+    """vLLM priority of a request (smaller: served first, preempted last)."""
+    if preemption == "lifo":
+        return 0
+    if predicted_length is None:
+        raise ValueError(f"preemption {preemption!r} needs a policy with a length predictor")
+    return round(predicted_length) * (1 if preemption == "predicted_longest" else -1)
+
+
 def run_rollout(
     engine: Any,
     policy: SchedulingPolicy,
@@ -91,6 +125,7 @@ def run_rollout(
     probe: EngineProbe | None = None,
     record_timeline: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    preemption: str = "lifo",
 ) -> tuple[dict[str, Any], RolloutStats]:
     """Generate every `seqs` (seq_id = vLLM request id) and return ({seq_id: CompletionOutput},
     stats). The policy is asked at the start and after every step in which a sequence finished:
@@ -113,7 +148,15 @@ def run_rollout(
     running are aborted and the rollout returns early (partial rollouts: a weight update
     does not wait for the longest sequences). stats.extra["unfinished"] then maps every
     sequence that did not finish to its partial CompletionOutput (None if never admitted).
+
+    preemption: what vLLM preempts when the cache overflows. lifo: its default (the most recently
+    scheduled request); predicted_longest / predicted_shortest: each request is added with its
+    predicted output length (negated for predicted_shortest) as vLLM priority, for an engine
+    with priority scheduling, which preempts the largest priority first and serves its waiting
+    queue smallest first. Needs a policy with a length predictor.
     """
+    if preemption not in PREEMPTIONS:
+        raise ValueError(f"preemption must be one of {PREEMPTIONS}, got {preemption!r}")
     stats = RolloutStats()
     start = time.perf_counter()
     preempt_before = probe.preemptions if probe else 0
@@ -155,7 +198,8 @@ def run_rollout(
                     predicted[sid] = float(predictor.predict(by_id[sid]))
             stats.scheduler_seconds += time.perf_counter() - t0
             for sid in admit:
-                engine.add_request(sid, {"prompt_token_ids": prompt_ids[sid]}, params)
+                engine.add_request(sid, {"prompt_token_ids": prompt_ids[sid]}, params,
+                                   priority=_priority(preemption, predicted.get(sid)))
                 running[sid] = by_id[sid]
         if not running:
             raise RuntimeError(f"policy {policy.name!r} stalled: {len(pending)} pending, none admitted")

@@ -128,6 +128,9 @@ class RolloutWorker(EngineWeights):
             this many; `budget_engine_blocks`) instead of from gpu_memory_utilization; on CPU
             with blocks of CPU_BUDGET_BLOCK_SIZE unless engine_kwargs sets block_size.
         slots: most sequences in flight; None = the engine's max_num_seqs.
+        preemption: what vLLM preempts when its cache overflows (rollout.executor.run_rollout):
+            lifo (vLLM's default) | predicted_longest | predicted_shortest; the last two build the
+            engine with priority scheduling and need a policy with a length predictor.
         logits_processors: vLLM V1 logits processor classes (e.g. HAPO's adaptive temperature).
         weight_broadcast: give the engine a weight-transfer endpoint so that it can receive
             weights by collective broadcast (`join_weight_broadcast`, rollout/weight_broadcast.py):
@@ -149,6 +152,7 @@ class RolloutWorker(EngineWeights):
         kv_budget_tokens: int | None = None,
         engine_kv_tokens: int | None = None,
         slots: int | None = None,
+        preemption: str = "lifo",
         logits_processors: list | None = None,
         num_threads: int | None = None,
         weight_broadcast: bool = False,
@@ -178,6 +182,8 @@ class RolloutWorker(EngineWeights):
             args["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(gpu_memory_utilization)
             if engine_kv_tokens is not None:
                 args["block_size"] = CPU_BUDGET_BLOCK_SIZE
+        if preemption != "lifo":
+            args["scheduling_policy"] = "priority"  # victims chosen by the predicted length
         if weight_broadcast:
             from rollout.weight_broadcast import ENGINE_BACKEND, register_engine
 
@@ -200,18 +206,27 @@ class RolloutWorker(EngineWeights):
         # Set by `interrupt` (another thread of the actor): the rollout in flight stops early so
         # that a weight update need not wait for its longest sequences; a load clears it.
         self._interrupt = threading.Event()
+        self.preemption = preemption
         self.set_policy(policy, policy_kwargs, kv_budget_tokens, slots)
 
     def set_policy(self, policy: str, policy_kwargs: dict | None = None,
-                   kv_budget_tokens: int | None = None, slots: int | None = None) -> None:
+                   kv_budget_tokens: int | None = None, slots: int | None = None,
+                   preemption: str | None = None) -> None:
         """Replace the admission policy (a fresh one: a learned length predictor starts over).
 
         The policy object lives as long as the worker, so what it learns (the length predictor)
         carries over from one training step to the next. kv_budget_tokens None: the engine's
-        whole KV cache; slots None: the engine's max_num_seqs.
+        whole KV cache; slots None: the engine's max_num_seqs; preemption None: unchanged
+        (another value switches the engine's scheduling policy between rollouts).
         """
-        from rollout.executor import default_slots
+        from rollout.executor import PREEMPTIONS, default_slots
         from scheduling import make_policy
+
+        if preemption is not None and preemption != self.preemption:
+            if preemption not in PREEMPTIONS:
+                raise ValueError(f"preemption must be one of {PREEMPTIONS}, got {preemption!r}")
+            self.probe.set_priority_scheduling(preemption != "lifo")
+            self.preemption = preemption
 
         self.policy = make_policy(policy, **(policy_kwargs or {}))
         self.kv_budget_tokens = kv_budget_tokens or self.cache_tokens
@@ -277,7 +292,7 @@ class RolloutWorker(EngineWeights):
         finished, stats = run_rollout(
             self.engine, self.policy, seqs, {rid: p[2] for rid, p in prompts.items()}, params,
             self.kv_budget_tokens, self.slots, self.probe, self.record_timeline,
-            should_stop=self._interrupt.is_set if interruptible else None)
+            should_stop=self._interrupt.is_set if interruptible else None, preemption=self.preemption)
         if features:
             stats.extra["prompt_encoder_seconds"] = encode_s
             stats.seconds += encode_s  # part of this rollout's time: it runs before admission
@@ -333,7 +348,7 @@ class RolloutWorker(EngineWeights):
             finished, stats = run_rollout(
                 self.engine, self.policy, group, {s.seq_id: prompts[s.seq_id] for s in group}, params,
                 self.kv_budget_tokens, self.slots, self.probe, False,
-                should_stop=self._interrupt.is_set if interruptible else None)
+                should_stop=self._interrupt.is_set if interruptible else None, preemption=self.preemption)
             stats_all = stats if stats_all is None else _add_stats(stats_all, stats)
             partial = stats.extra.pop("unfinished", {})
             for s in group:

@@ -10,11 +10,17 @@ What the model keeps of vLLM V1's scheduler (vllm/v1/core/sched/scheduler.py):
     and generated tokens are computed again (counted in `recomputed_tokens`).
   * Waiting requests (admitted by the policy, or preempted) are scheduled in queue order while
     their blocks fit, and not at all in a step that preempted.
+  * With `victim` predicted_longest or predicted_shortest (vLLM's
+    `scheduling_policy="priority"`), each request carries the priority it was added with, its
+    predicted output length (negated for predicted_shortest), as the rollout executor gives it
+    (`rollout.scheduler.preemption`): the victim is the running request of the largest
+    (priority, arrival), and the waiting queue is served smallest (priority, arrival) first.
 Every scheduled request produces one token per step, as in the decode-step model.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 
@@ -24,24 +30,66 @@ from .types import Seq
 class EngineKVModel:
     """Which admitted sequences the engine decodes this step, within `capacity_tokens`."""
 
+    VICTIMS = ("lifo", "predicted_longest", "predicted_shortest")
+
     def __init__(self, capacity_tokens: int, block_tokens: int = 1, share_prompts: bool = False,
-                 max_running: int | None = None) -> None:
+                 max_running: int | None = None, victim: str = "lifo") -> None:
+        if victim not in self.VICTIMS:
+            raise ValueError(f"victim must be one of {self.VICTIMS}, got {victim!r}")
         self.block_tokens = max(int(block_tokens), 1)
         self.capacity_blocks = capacity_tokens // self.block_tokens
         self.share_prompts = share_prompts
         self.max_running = max_running
+        self.victim = victim
         self.running: list[Seq] = []  # in scheduling order
-        self.waiting: deque[Seq] = deque()
+        self.waiting: deque[Seq] = deque()  # lifo: FCFS queue
+        self._heap: list[tuple[float, int, int]] = []  # predicted_*: (priority, arrival, id(seq))
+        self._key: dict[int, tuple[float, int]] = {}  # id(seq) -> (priority, arrival)
+        self._seqs: dict[int, Seq] = {}
+        self._arrivals = 0
         self.preemptions = 0
         self.recomputed_tokens = 0
 
-    def add(self, seq: Seq) -> None:
-        """The policy admitted `seq`: it joins the back of the waiting queue."""
-        self.waiting.append(seq)
+    def add(self, seq: Seq, priority: float = 0.0) -> None:
+        """The policy admitted `seq`: it joins the waiting queue (at the back with lifo; else by
+        `priority`, its predicted output length: shortest first with predicted_longest, longest
+        first with predicted_shortest)."""
+        sign = -1.0 if self.victim == "predicted_shortest" else 1.0
+        self._key[id(seq)] = (sign * float(priority), self._arrivals)
+        self._seqs[id(seq)] = seq
+        self._arrivals += 1
+        self._push_waiting(seq, front=False)
+
+    def _push_waiting(self, seq: Seq, front: bool) -> None:
+        if self.victim != "lifo":
+            heapq.heappush(self._heap, (*self._key[id(seq)], id(seq)))
+        elif front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def _peek_waiting(self) -> Seq | None:
+        if self.victim != "lifo":
+            return self._seqs[self._heap[0][2]] if self._heap else None
+        return self.waiting[0] if self.waiting else None
+
+    def _pop_waiting(self) -> Seq:
+        if self.victim != "lifo":
+            return self._seqs[heapq.heappop(self._heap)[2]]
+        return self.waiting.popleft()
+
+    def _pick_victim(self) -> Seq:
+        if self.victim != "lifo":
+            victim = max(self.running, key=lambda s: self._key[id(s)])
+            self.running.remove(victim)
+            return victim
+        return self.running.pop()
 
     def remove(self, seq: Seq) -> None:
         """`seq` finished."""
         self.running.remove(seq)
+        self._key.pop(id(seq), None)
+        self._seqs.pop(id(seq), None)
 
     def _blocks(self, seqs: list[Seq], next_token: int = 1) -> int:
         """Blocks `seqs` need for their next token (`next_token` 0: blocks they hold now)."""
@@ -60,20 +108,20 @@ class EngineKVModel:
         """The sequences that produce a token this step (the engine's running list after it)."""
         preempted = False
         while self.running and self._blocks(self.running) > self.capacity_blocks:
-            victim = self.running.pop()
+            victim = self._pick_victim()
             self.preemptions += 1
             self.recomputed_tokens += victim.kv_tokens
-            self.waiting.appendleft(victim)
+            self._push_waiting(victim, front=True)
             preempted = True
         if not preempted:
-            while self.waiting and (self.max_running is None or len(self.running) < self.max_running):
-                if self._blocks(self.running + [self.waiting[0]]) > self.capacity_blocks:
+            while (head := self._peek_waiting()) is not None and (
+                    self.max_running is None or len(self.running) < self.max_running):
+                if self._blocks(self.running + [head]) > self.capacity_blocks:
                     if not self.running:
-                        s = self.waiting[0]
-                        raise RuntimeError(f"sequence {s.seq_id!r} needs more KV than the engine's "
+                        raise RuntimeError(f"sequence {head.seq_id!r} needs more KV than the engine's "
                                            f"{self.capacity_blocks} blocks of {self.block_tokens}")
                     break
-                self.running.append(self.waiting.popleft())
+                self.running.append(self._pop_waiting())
         return list(self.running)
 
     @property

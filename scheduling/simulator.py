@@ -134,11 +134,11 @@ def simulate(
                 if bad:
                     raise RuntimeError(f"{policy.name}: admitted ids not pending: {sorted(bad)[:5]}")
                 running.extend(by_id[i] for i in ids)
-                if predictor is not None:
-                    errors += [abs(float(predictor.predict(by_id[i])) - true_len[i]) for i in ids]
+                predicted = {i: float(predictor.predict(by_id[i])) for i in ids} if predictor is not None else {}
+                errors += [abs(predicted[i] - true_len[i]) for i in predicted]
                 if engine is not None:
-                    for i in ids:
-                        engine.add(by_id[i])
+                    for i in ids:  # the priority vLLM gets: the output length predicted now
+                        engine.add(by_id[i], priority=round(predicted.get(i, 0.0)))
                 pending = [s for s in pending if s.seq_id not in admit]
         if not running:
             raise RuntimeError(f"{policy.name}: stalled with {len(pending)} pending and none running")

@@ -90,6 +90,7 @@ def test_shipped_configs_validate():
     ("continuous", "tail_guard", False, "length_aware"),
     ("full_group", "admission", "conservative", "length_aware"),
     ("naive_micro", "admission_horizon", 32, "length_aware"),
+    ("full_group", "preemption", "predicted_longest", "length_aware"),
 ])
 def test_a_scheduler_key_the_policy_does_not_read_is_rejected(policy, key, value, readers):
     with pytest.raises(ConfigError) as e:

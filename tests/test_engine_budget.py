@@ -83,3 +83,40 @@ def test_auto_budget_sizes_each_engine_from_the_demand(tiny_model_dir):
         assert res.stats.extra["engine_peak_kv_tokens"] <= 704
     finally:
         w.shutdown()
+
+
+def test_predicted_preemption_makes_vllm_preempt_the_longest_predicted(tiny_model_dir):
+    """rollout.scheduler.preemption: predicted_longest builds the engine with vLLM's priority
+    scheduling and adds each request with its predicted length as priority, so every victim
+    vLLM picks is predicted at least as long as anything it leaves running."""
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+
+    from rollout.worker import RolloutWorker
+
+    # the policy may fill far more than the engine holds (admit all 32 at once): vLLM must preempt
+    w = RolloutWorker(tiny_model_dir, dtype="float32", max_model_len=64 + MAX_NEW, gpu_memory_utilization=0.1,
+                      seed=0, policy="length_aware", kv_budget_tokens=10**5, engine_kv_tokens=320,
+                      preemption="predicted_longest")
+    try:
+        scheduler = w.probe.scheduler
+        assert scheduler.policy == SchedulingPolicy.PRIORITY
+        victims = []
+        counted = scheduler._preempt_request  # the probe's counter, wrapping vLLM's own
+
+        def record(request, *args, **kwargs):
+            # vLLM took the victim out of `running` just before this call
+            victims.append((request.priority, max((r.priority for r in scheduler.running), default=None)))
+            return counted(request, *args, **kwargs)
+
+        scheduler._preempt_request = record
+        res = w.generate(requests(w.tokenizer), group_size=G, max_new_tokens=MAX_NEW, temperature=1.0)
+        assert len(res.samples) == B * G
+        assert res.stats.preemptions == len(victims) > 0
+        assert all(left is None or p >= left for p, left in victims), victims
+        # back to vLLM's own choice between rollouts, in the same engine
+        w.set_policy("length_aware", {}, kv_budget_tokens=10**5, preemption="lifo")
+        assert scheduler.policy == SchedulingPolicy.FCFS and w.preemption == "lifo"
+        res = w.generate(requests(w.tokenizer), group_size=G, max_new_tokens=MAX_NEW, temperature=1.0)
+        assert len(res.samples) == B * G
+    finally:
+        w.shutdown()

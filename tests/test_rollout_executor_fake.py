@@ -21,10 +21,12 @@ class FakeEngine:
         self.queue: list[str] = []
         self.tokens: dict[str, list[int]] = {}
         self.added: list[str] = []
+        self.priorities: dict[str, int] = {}
 
-    def add_request(self, rid, prompt, params):
+    def add_request(self, rid, prompt, params, priority=0):
         assert rid not in self.tokens, "request added twice"
         self.added.append(rid)
+        self.priorities[rid] = priority
         self.queue.append(rid)
         self.tokens[rid] = []
 
@@ -107,6 +109,24 @@ def test_generated_counts_come_from_the_engine_not_from_steps():
     assert dict(seen) == lengths
     # prompt 0: own KV = generated tokens of the <= 4 sequences the engine runs at once
     assert stats.peak_kv_tokens <= 4 * max(lengths.values())
+
+
+@pytest.mark.parametrize("preemption, sign", [("lifo", 0), ("predicted_longest", 1), ("predicted_shortest", -1)])
+def test_requests_carry_their_predicted_length_as_vllm_priority(preemption, sign):
+    seqs, lengths = make_work()
+    engine = FakeEngine(lengths)
+    policy = make_policy("length_aware", predictor=OracleLengthPredictor(lengths))
+    finished, _ = run_rollout(engine, policy, seqs, {s.seq_id: [1] * 5 for s in seqs}, None,
+                              kv_budget_tokens=10**6, slots=8, preemption=preemption)
+    assert len(finished) == len(seqs)
+    assert engine.priorities == {rid: sign * n for rid, n in lengths.items()}
+
+
+def test_predicted_preemption_needs_a_length_predictor():
+    seqs, lengths = make_work()
+    with pytest.raises(ValueError, match="needs a policy with a length predictor"):
+        run_rollout(FakeEngine(lengths), make_policy("continuous"), seqs, {s.seq_id: [1] for s in seqs},
+                    None, kv_budget_tokens=10**6, slots=8, preemption="predicted_longest")
 
 
 def test_a_policy_that_admits_a_running_id_is_an_error():

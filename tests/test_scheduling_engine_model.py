@@ -64,6 +64,35 @@ def test_engine_model_preempts_the_most_recent_and_counts_recomputation():
     assert eng.schedule() == [b, c]  # c resumes first, ahead of anything admitted later
 
 
+@pytest.mark.parametrize("victim, admitted, preempted, after", [
+    # b is predicted longest: preempted; the waiting queue is served shortest predicted first,
+    # so d (6) runs before b (9) when c's blocks free up
+    ("predicted_longest", "acb", "b", "ad"),
+    # a is predicted shortest: preempted; served longest first, so d (6) before a (3)
+    ("predicted_shortest", "bca", "a", "bd"),
+])
+def test_engine_model_preempts_by_predicted_length(victim, admitted, preempted, after):
+    eng = EngineKVModel(capacity_tokens=8, block_tokens=2, victim=victim)  # 4 blocks
+    seqs = {n: Seq(n, n, 1, 10) for n in "abcd"}
+    for n, predicted in (("a", 3), ("b", 9), ("c", 5)):
+        eng.add(seqs[n], priority=predicted)
+    assert "".join(s.seq_id for s in eng.schedule()) == admitted
+    for n in "abc":
+        seqs[n].generated += 2  # the next token needs 2 blocks each: 6 > 4, one preemption
+    run = eng.schedule()
+    assert sorted(s.seq_id for s in run) == sorted(set("abc") - {preempted})
+    assert eng.preemptions == 1 and eng.recomputed_tokens == 3
+    eng.add(seqs["d"], priority=6)
+    eng.remove(seqs["c"])
+    # one request running (2 blocks); d needs 1 block, the preempted one 2: only d fits
+    assert "".join(s.seq_id for s in eng.schedule()) == after
+
+
+def test_engine_model_rejects_an_unknown_victim():
+    with pytest.raises(ValueError, match="victim must be one of"):
+        EngineKVModel(8, 2, victim="random")
+
+
 def test_engine_model_refuses_a_sequence_larger_than_the_cache():
     eng = EngineKVModel(capacity_tokens=4, block_tokens=2)
     eng.add(Seq(0, 0, 9, 10))

@@ -73,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "oracle,token_conditioned; real: token_conditioned)")
     p.add_argument("--admission", default="optimistic",
                    help="length_aware admissions, comma-separated: optimistic, conservative")
+    p.add_argument("--preemption", default="lifo",
+                   help="length_aware's choice of what vLLM preempts, comma-separated: lifo (vLLM's "
+                        "default, the most recently scheduled), predicted_longest (vLLM's priority "
+                        "scheduling, priority = predicted output length)")
     p.add_argument("--engine-model", action="store_true",
                    help="simulation: every policy in a model of a vLLM engine of --kv-budget tokens "
                         "(blocks of --block-size, shared prompt blocks, preemption)")
@@ -182,6 +186,7 @@ def simulate_policies(
     micro_group_size: int | None = None,
     admission: str = "optimistic",
     engine_block_tokens: int | None = None,
+    preemption: str = "lifo",
 ) -> list[dict]:
     """One row of measures per policy. `predictor` is a name ("oracle" is built from the trace)
     or an instance, deep-copied per policy so every policy starts from the same state.
@@ -190,7 +195,8 @@ def simulate_policies(
     slots of naive_micro, continuous and length_aware are capped at g; None: no cap.
     admission: length_aware's (optimistic | conservative). engine_block_tokens: run every policy
     in the model of a vLLM engine of kv_budget_tokens (blocks of this size, prompt blocks shared,
-    preemption: scheduling/engine_model.py); None: the plain decode-step model."""
+    preemption: scheduling/engine_model.py); None: the plain decode-step model. preemption:
+    length_aware's victim in that model (lifo | predicted_longest)."""
     trace = Trace.coerce(trace)
     if kv_budget_tokens is None:
         kv_budget_tokens = default_kv_budget(trace, slots)
@@ -210,13 +216,15 @@ def simulate_policies(
             policy_slots = min(slots, micro_group_size)
             if name == "naive_micro":
                 kw["micro_group_size"] = micro_group_size
+        victim = "lifo" if preemption == "lifo" or name not in PREDICTOR_POLICIES else preemption
         engine = (EngineKVModel(kv_budget_tokens, engine_block_tokens, share_prompts=True,
-                                max_running=policy_slots) if engine_block_tokens else None)
+                                max_running=policy_slots, victim=victim) if engine_block_tokens else None)
         res = simulate_policy(make_policy(name, **kw), trace, policy_slots,
                               kv_budget_tokens, plan_every_step, engine=engine)
         row = res.as_dict()
         row["predictor"] = kw["predictor"].name if "predictor" in kw else "-"
         row["admission"] = kw.get("admission", "-")
+        row["preemption"] = preemption if name in PREDICTOR_POLICIES else "-"
         row["slots"] = policy_slots
         row["kv_budget_tokens"] = kv_budget_tokens
         if name == "full_group":
@@ -251,7 +259,7 @@ SUMMED = ("decode_steps", "lower_bound", "total_tokens", "overhead_s", "plan_cal
 def replay_steps(traces: Sequence[Trace], warm: Sequence[Trace], policies: Sequence[str], slots: int,
                  kv_budget_tokens: int | None, predictor: str, plan_every_step: bool = False,
                  micro_group_size: int | None = None, admission: str = "optimistic",
-                 engine_block_tokens: int | None = None) -> list[dict]:
+                 engine_block_tokens: int | None = None, preemption: str = "lifo") -> list[dict]:
     """The rollouts of a training run, in order: each trace is simulated, then the learned
     predictor observes its lengths before the next (what it does in training), starting from
     `warm` (none: a cold start). One row per policy, summed over the traces (peaks: the max;
@@ -261,7 +269,8 @@ def replay_steps(traces: Sequence[Trace], warm: Sequence[Trace], policies: Seque
     for trace in traces:
         per_step.append(simulate_policies(trace, policies, slots, kv_budget_tokens,
                                           "oracle" if carried is None else carried,
-                                          plan_every_step, micro_group_size, admission, engine_block_tokens))
+                                          plan_every_step, micro_group_size, admission, engine_block_tokens,
+                                          preemption))
         if carried is not None:
             warm_predictor(carried, [trace])
     rows = []
@@ -279,6 +288,13 @@ def replay_steps(traces: Sequence[Trace], warm: Sequence[Trace], policies: Seque
         row["traces"] = len(traces)
         rows.append(row)
     return rows
+
+
+def _length_aware_combos(args, preds: Sequence[str]) -> list[tuple[str, str, str]]:
+    """Every (predictor, admission, preemption) asked for, in that nesting order."""
+    admissions = [a.strip() for a in args.admission.split(",")]
+    preemptions = [v.strip() for v in args.preemption.split(",")]
+    return [(p, a, v) for p in preds for a in admissions for v in preemptions]
 
 
 def simulate(args) -> dict:
@@ -299,15 +315,15 @@ def simulate(args) -> dict:
     preds = [p.strip() for p in (args.predictor or "oracle,token_conditioned").split(",")]
     if "egtp" in preds:
         attach_prompt_features([trace, *warm], args.model)
-    admissions = [a.strip() for a in args.admission.split(",")]
+    combos = _length_aware_combos(args, preds)
     block = args.block_size if args.engine_model else None
     if args.engine_model and not args.kv_budget:
         raise SystemExit("--engine-model needs --kv-budget, the engine's KV tokens")
-    for i, (name, admission) in enumerate((p, a) for p in preds for a in admissions):
+    for i, (name, admission, preemption) in enumerate(combos):
         pred = name if name == "oracle" else warm_predictor(make_predictor(name), warm)
         names = policies if i == 0 else [p for p in policies if p == "length_aware"]
         rows += simulate_policies(trace, names, slots, args.kv_budget, pred, args.every_step,
-                                  args.micro_group_size, admission, block)
+                                  args.micro_group_size, admission, block, preemption)
     full = next((r["peak_kv_tokens"] for r in rows if r["policy"] == "full_group"), None)
     for r in rows:  # later predictor runs compare with the first run's full_group
         r["peak_kv_vs_full"] = r["peak_kv_tokens"] / full if full else math.nan
@@ -330,15 +346,15 @@ def simulate_replay(args, slots: int) -> dict:
     preds = [p.strip() for p in (args.predictor or "oracle,token_conditioned").split(",")]
     if "egtp" in preds:
         attach_prompt_features([*traces, *warm], args.model)
-    admissions = [a.strip() for a in args.admission.split(",")]
+    combos = _length_aware_combos(args, preds)
     block = args.block_size if args.engine_model else None
     if args.engine_model and not args.kv_budget:
         raise SystemExit("--engine-model needs --kv-budget, the engine's KV tokens")
     rows = []
-    for i, (name, admission) in enumerate((p, a) for p in preds for a in admissions):
+    for i, (name, admission, preemption) in enumerate(combos):
         names = policies if i == 0 else [p for p in policies if p in PREDICTOR_POLICIES]
         rows += replay_steps(traces, warm, names, slots, args.kv_budget, name, args.every_step,
-                             args.micro_group_size, admission, block)
+                             args.micro_group_size, admission, block, preemption)
     full = next((r["peak_kv_tokens"] for r in rows if r["policy"] == "full_group"), None)
     for r in rows:
         r["peak_kv_vs_full"] = r["peak_kv_tokens"] / full if full else math.nan
@@ -407,7 +423,8 @@ def real(args) -> dict:
     for name in [p.strip() for p in args.policies.split(",")]:
         preds = (args.predictor or "token_conditioned").split(",") if name == "length_aware" else ["-"]
         admissions = args.admission.split(",") if name == "length_aware" else ["-"]
-        for pred, admission in ((p, a) for p in preds for a in admissions):
+        victims = args.preemption.split(",") if name == "length_aware" else ["lifo"]
+        for pred, admission, preemption in ((p, a, v) for p in preds for a in admissions for v in victims):
             kw: dict = {}
             slots, kv = safe_slots, budget
             if name == "naive_micro":
@@ -420,11 +437,12 @@ def real(args) -> dict:
                 slots, kv = args.max_num_seqs, worker.cache_tokens
             if args.micro_group_size and name in MICRO_GROUP_POLICIES:
                 slots = min(slots, args.micro_group_size)
-            worker.set_policy(name, kw, kv_budget_tokens=kv, slots=slots)
+            worker.set_policy(name, kw, kv_budget_tokens=kv, slots=slots, preemption=preemption)
             worker.engine.reset_prefix_cache()  # no policy inherits the previous one's cache
             result = worker.generate(requests, **sampling)
-            rows.append(real_row(name, pred, result.stats, budget) | {"admission": admission})
-            print(f"{name} ({pred}, {admission}): {result.stats.seconds:.1f} s", flush=True)
+            rows.append(real_row(name, pred, result.stats, budget)
+                        | {"admission": admission, "preemption": preemption if name == "length_aware" else "-"})
+            print(f"{name} ({pred}, {admission}, {preemption}): {result.stats.seconds:.1f} s", flush=True)
             if args.json:  # partial results survive an interrupted run
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps({"mode": "partial", "rows": rows}))
@@ -478,6 +496,7 @@ def format_table(rows: Sequence[dict]) -> str:
         ("policy", "policy", "{}"),
         ("predictor", "predictor", "{}"),
         ("admission", "admission", "{}"),
+        ("preemption", "preemption", "{}"),
         ("decode_steps", "steps", "{}"),
         ("lower_bound", "bound", "{}"),
         ("steps_over_bound", "steps/bound", "{:.3f}"),
@@ -492,7 +511,7 @@ def format_table(rows: Sequence[dict]) -> str:
         ("predictor_mae", "mae", "{:.1f}"),
         ("overhead_s", "sched_s", "{:.3f}"),
     ]
-    cells = [[h for _, h, _ in cols]] + [["-" if r[k] is None else f.format(r[k]) for k, _, f in cols]
+    cells = [[h for _, h, _ in cols]] + [["-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols]
                                          for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
@@ -503,8 +522,8 @@ def format_table(rows: Sequence[dict]) -> str:
 def format_rows(rows: list[dict], mode: str) -> str:
     if mode == "simulate":
         return format_table(rows)
-    cols = [("policy", "{}"), ("predictor", "{}"), ("admission", "{}"), ("decode_steps", "{}"),
-            ("lower_bound", "{}"),
+    cols = [("policy", "{}"), ("predictor", "{}"), ("admission", "{}"), ("preemption", "{}"),
+            ("decode_steps", "{}"), ("lower_bound", "{}"),
             ("steps_over_bound", "{:.2f}"), ("peak_kv_tokens", "{}"),
             ("engine_peak_kv_tokens", "{}"), ("kv_budget_tokens", "{}"), ("slots", "{}"),
             ("peak_concurrency", "{}"), ("tokens_per_s", "{:.0f}"), ("wall_s", "{:.1f}"),
