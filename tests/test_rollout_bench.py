@@ -135,3 +135,15 @@ def test_replaying_a_runs_steps_carries_the_predictor_over_and_sums_them(tmp_pat
     doc = json.loads(out_json.read_text())
     assert [r["decode_steps"] for r in doc["rows"]] == [r["decode_steps"] for r in rows]
     assert doc["sequences"] == sum(len(t.items) for t in steps)
+
+
+def test_prompt_mean_oracle_predicts_each_prompts_true_mean_length():
+    from rl.bench.rollout import prompt_mean_lengths
+    from scheduling import Trace
+
+    trace = Trace([(0, 5, 10), (0, 5, 30), (1, 7, 4), (1, 7, 8), (1, 7, 9)], 32)
+    assert prompt_mean_lengths(trace) == {0: 20.0, 1: 20.0, 2: 7.0, 3: 7.0, 4: 7.0}
+    rows = simulate_policies(trace, ["length_aware"], 2, 1000, "oracle_prompt_mean")
+    assert rows[0]["predictor"] == "oracle_prompt_mean"
+    # |20 - 10| + |20 - 30| + |7 - 4| + |7 - 8| + |7 - 9| over 5 samples
+    assert rows[0]["predictor_mae"] == pytest.approx(26 / 5)

@@ -69,8 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="synthetic: earlier synthetic rollouts the learned predictor observes")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated")
     p.add_argument("--predictor", default=None,
-                   help="length_aware predictors, comma-separated (simulation default: "
-                        "oracle,token_conditioned; real: token_conditioned)")
+                   help="length_aware predictors, comma-separated: constant, token_conditioned, egtp; "
+                        "in simulation also oracle (true lengths) and oracle_prompt_mean (each prompt's "
+                        "true mean length). Simulation default: oracle,token_conditioned; real: "
+                        "token_conditioned")
     p.add_argument("--admission", default="optimistic",
                    help="length_aware admissions, comma-separated: optimistic, conservative")
     p.add_argument("--preemption", default="lifo",
@@ -176,6 +178,19 @@ def default_kv_budget(trace: Trace, slots: int) -> int:
     return int(slots * (prompts + trace.max_new_tokens))
 
 
+ORACLES = ("oracle", "oracle_prompt_mean")
+"""Simulation-only predictors built from the trace: each sample's true length, and each
+prompt's true mean length (the best that any predictor which sees only the prompt can do)."""
+
+
+def prompt_mean_lengths(trace: Trace) -> dict[int, float]:
+    """{sample index: the mean true length of its prompt's samples}."""
+    by_group: dict = {}
+    for g, _, n in trace.items:
+        by_group.setdefault(g, []).append(n)
+    return {i: sum(by_group[g]) / len(by_group[g]) for i, (g, _, _) in enumerate(trace.items)}
+
+
 def simulate_policies(
     trace: Trace,
     policies: Sequence[str] = POLICIES,
@@ -206,6 +221,9 @@ def simulate_policies(
         if name in PREDICTOR_POLICIES:
             if isinstance(predictor, str) and predictor == "oracle":
                 kw["predictor"] = OracleLengthPredictor(dict(enumerate(trace.lengths)))
+            elif isinstance(predictor, str) and predictor == "oracle_prompt_mean":
+                kw["predictor"] = OracleLengthPredictor(prompt_mean_lengths(trace))
+                kw["predictor"].name = predictor
             elif isinstance(predictor, str):
                 kw["predictor"] = make_predictor(predictor)
             else:
@@ -264,11 +282,11 @@ def replay_steps(traces: Sequence[Trace], warm: Sequence[Trace], policies: Seque
     predictor observes its lengths before the next (what it does in training), starting from
     `warm` (none: a cold start). One row per policy, summed over the traces (peaks: the max;
     MAE: the mean over all sequences)."""
-    carried = None if predictor == "oracle" else warm_predictor(make_predictor(predictor), warm)
+    carried = None if predictor in ORACLES else warm_predictor(make_predictor(predictor), warm)
     per_step: list[list[dict]] = []
     for trace in traces:
         per_step.append(simulate_policies(trace, policies, slots, kv_budget_tokens,
-                                          "oracle" if carried is None else carried,
+                                          predictor if carried is None else carried,
                                           plan_every_step, micro_group_size, admission, engine_block_tokens,
                                           preemption))
         if carried is not None:
@@ -320,7 +338,7 @@ def simulate(args) -> dict:
     if args.engine_model and not args.kv_budget:
         raise SystemExit("--engine-model needs --kv-budget, the engine's KV tokens")
     for i, (name, admission, preemption) in enumerate(combos):
-        pred = name if name == "oracle" else warm_predictor(make_predictor(name), warm)
+        pred = name if name in ORACLES else warm_predictor(make_predictor(name), warm)
         names = policies if i == 0 else [p for p in policies if p == "length_aware"]
         rows += simulate_policies(trace, names, slots, args.kv_budget, pred, args.every_step,
                                   args.micro_group_size, admission, block, preemption)
