@@ -20,11 +20,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--match", action="append", required=True, help="substring of a process's command line")
     p.add_argument("--interval", type=float, default=0.5)
+    p.add_argument("--timeline", help="also write 'seconds pattern rss_bytes' lines here, every sample")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args()
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     child = subprocess.Popen(cmd)
     peak: dict[str, int] = {}
+    start = time.monotonic()
+    timeline = open(args.timeline, "w") if args.timeline else None
     while child.poll() is None:
         for proc in psutil.process_iter(["pid", "cmdline"]):
             line = " ".join(proc.info["cmdline"] or [])
@@ -35,7 +38,11 @@ def main() -> int:
                     except psutil.Error:
                         continue
                     peak[pattern] = max(peak.get(pattern, 0), rss)
+                    if timeline:
+                        timeline.write(f"{time.monotonic() - start:.1f} {pattern} {rss}\n")
         time.sleep(args.interval)
+    if timeline:
+        timeline.close()
     for pattern in args.match:
         print(f"peak RSS [{pattern}]: {peak.get(pattern, 0) / 2**30:.2f} GiB", flush=True)
     return child.returncode
