@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from rollout.records import RolloutStats
 from scheduling import SchedulingPolicy, Seq, kv_lower_bound_steps, lower_bound_steps
-from scheduling.engine_model import engine_kv_lower_bound_steps
+from scheduling.engine_model import PREEMPTIONS, engine_kv_lower_bound_steps, preemption_priority
 
 
 class EngineProbe:
@@ -102,18 +102,6 @@ class EngineProbe:
         return len(getattr(s, "running", ())), len(getattr(s, "waiting", ()))
 
 
-PREEMPTIONS = ("lifo", "predicted_longest", "predicted_shortest")
-
-
-def _priority(preemption: str, predicted_length: float | None) -> int:
-    """vLLM priority of a request (smaller: served first, preempted last)."""
-    if preemption == "lifo":
-        return 0
-    if predicted_length is None:
-        raise ValueError(f"preemption {preemption!r} needs a policy with a length predictor")
-    return round(predicted_length) * (1 if preemption == "predicted_longest" else -1)
-
-
 def run_rollout(
     engine: Any,
     policy: SchedulingPolicy,
@@ -199,7 +187,7 @@ def run_rollout(
             stats.scheduler_seconds += time.perf_counter() - t0
             for sid in admit:
                 engine.add_request(sid, {"prompt_token_ids": prompt_ids[sid]}, params,
-                                   priority=_priority(preemption, predicted.get(sid)))
+                                   priority=preemption_priority(preemption, predicted.get(sid)))
                 running[sid] = by_id[sid]
         if not running:
             raise RuntimeError(f"policy {policy.name!r} stalled: {len(pending)} pending, none admitted")

@@ -219,8 +219,9 @@ class RolloutWorker(EngineWeights):
         whole KV cache; slots None: the engine's max_num_seqs; preemption None: unchanged
         (another value switches the engine's scheduling policy between rollouts).
         """
-        from rollout.executor import PREEMPTIONS, default_slots
+        from rollout.executor import default_slots
         from scheduling import make_policy
+        from scheduling.engine_model import PREEMPTIONS
 
         if preemption is not None and preemption != self.preemption:
             if preemption not in PREEMPTIONS:

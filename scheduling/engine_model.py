@@ -11,10 +11,10 @@ What the model keeps of vLLM V1's scheduler (vllm/v1/core/sched/scheduler.py):
   * Waiting requests (admitted by the policy, or preempted) are scheduled in queue order while
     their blocks fit, and not at all in a step that preempted.
   * With `victim` predicted_longest or predicted_shortest (vLLM's
-    `scheduling_policy="priority"`), each request carries the priority it was added with, its
-    predicted output length (negated for predicted_shortest), as the rollout executor gives it
-    (`rollout.scheduler.preemption`): the victim is the running request of the largest
-    (priority, arrival), and the waiting queue is served smallest (priority, arrival) first.
+    `scheduling_policy="priority"`), each request carries the priority it was added with
+    (`preemption_priority`, what the rollout executor gives vLLM): the victim is the running
+    request of the largest (priority, arrival), and the waiting queue is served smallest
+    (priority, arrival) first.
 Every scheduled request produces one token per step, as in the decode-step model.
 """
 
@@ -26,16 +26,28 @@ from collections import deque
 
 from .types import Seq
 
+PREEMPTIONS = ("lifo", "predicted_longest", "predicted_shortest")
+"""What vLLM preempts when its cache overflows (rollout.scheduler.preemption): lifo, its own
+FCFS choice; the others, its priority scheduling with `preemption_priority`."""
+
+
+def preemption_priority(preemption: str, predicted_length: float | None) -> int:
+    """The vLLM priority of a request (smaller: served first, preempted last): 0 with lifo; the
+    predicted output length with predicted_longest, its negation with predicted_shortest."""
+    if preemption == "lifo":
+        return 0
+    if predicted_length is None:
+        raise ValueError(f"preemption {preemption!r} needs a policy with a length predictor")
+    return round(predicted_length) * (1 if preemption == "predicted_longest" else -1)
+
 
 class EngineKVModel:
     """Which admitted sequences the engine decodes this step, within `capacity_tokens`."""
 
-    VICTIMS = ("lifo", "predicted_longest", "predicted_shortest")
-
     def __init__(self, capacity_tokens: int, block_tokens: int = 1, share_prompts: bool = False,
                  max_running: int | None = None, victim: str = "lifo") -> None:
-        if victim not in self.VICTIMS:
-            raise ValueError(f"victim must be one of {self.VICTIMS}, got {victim!r}")
+        if victim not in PREEMPTIONS:
+            raise ValueError(f"victim must be one of {PREEMPTIONS}, got {victim!r}")
         self.block_tokens = max(int(block_tokens), 1)
         self.capacity_blocks = capacity_tokens // self.block_tokens
         self.share_prompts = share_prompts
@@ -43,26 +55,23 @@ class EngineKVModel:
         self.victim = victim
         self.running: list[Seq] = []  # in scheduling order
         self.waiting: deque[Seq] = deque()  # lifo: FCFS queue
-        self._heap: list[tuple[float, int, int]] = []  # predicted_*: (priority, arrival, id(seq))
-        self._key: dict[int, tuple[float, int]] = {}  # id(seq) -> (priority, arrival)
-        self._seqs: dict[int, Seq] = {}
+        # predicted_*: (priority, arrival, seq); arrivals are unique, so seqs are never compared
+        self._heap: list[tuple[int, int, Seq]] = []
+        self._key: dict[int, tuple[int, int]] = {}  # id(seq) -> (priority, arrival)
         self._arrivals = 0
         self.preemptions = 0
         self.recomputed_tokens = 0
 
-    def add(self, seq: Seq, priority: float = 0.0) -> None:
+    def add(self, seq: Seq, priority: int = 0) -> None:
         """The policy admitted `seq`: it joins the waiting queue (at the back with lifo; else by
-        `priority`, its predicted output length: shortest first with predicted_longest, longest
-        first with predicted_shortest)."""
-        sign = -1.0 if self.victim == "predicted_shortest" else 1.0
-        self._key[id(seq)] = (sign * float(priority), self._arrivals)
-        self._seqs[id(seq)] = seq
+        `priority`, smallest first: `preemption_priority`)."""
+        self._key[id(seq)] = (priority, self._arrivals)
         self._arrivals += 1
         self._push_waiting(seq, front=False)
 
     def _push_waiting(self, seq: Seq, front: bool) -> None:
         if self.victim != "lifo":
-            heapq.heappush(self._heap, (*self._key[id(seq)], id(seq)))
+            heapq.heappush(self._heap, (*self._key[id(seq)], seq))
         elif front:
             self.waiting.appendleft(seq)
         else:
@@ -70,12 +79,12 @@ class EngineKVModel:
 
     def _peek_waiting(self) -> Seq | None:
         if self.victim != "lifo":
-            return self._seqs[self._heap[0][2]] if self._heap else None
+            return self._heap[0][2] if self._heap else None
         return self.waiting[0] if self.waiting else None
 
     def _pop_waiting(self) -> Seq:
         if self.victim != "lifo":
-            return self._seqs[heapq.heappop(self._heap)[2]]
+            return heapq.heappop(self._heap)[2]
         return self.waiting.popleft()
 
     def _pick_victim(self) -> Seq:
@@ -89,7 +98,6 @@ class EngineKVModel:
         """`seq` finished."""
         self.running.remove(seq)
         self._key.pop(id(seq), None)
-        self._seqs.pop(id(seq), None)
 
     def _blocks(self, seqs: list[Seq], next_token: int = 1) -> int:
         """Blocks `seqs` need for their next token (`next_token` 0: blocks they hold now)."""

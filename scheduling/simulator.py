@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 from .base import SchedulingPolicy
-from .engine_model import EngineKVModel, engine_kv_lower_bound_steps
+from .engine_model import EngineKVModel, engine_kv_lower_bound_steps, preemption_priority
 from .traces import Trace
 from .types import GroupId
 
@@ -137,8 +137,8 @@ def simulate(
                 predicted = {i: float(predictor.predict(by_id[i])) for i in ids} if predictor is not None else {}
                 errors += [abs(predicted[i] - true_len[i]) for i in predicted]
                 if engine is not None:
-                    for i in ids:  # the priority vLLM gets: the output length predicted now
-                        engine.add(by_id[i], priority=round(predicted.get(i, 0.0)))
+                    for i in ids:  # the priority vLLM would get, from the length predicted now
+                        engine.add(by_id[i], priority=preemption_priority(engine.victim, predicted.get(i)))
                 pending = [s for s in pending if s.seq_id not in admit]
         if not running:
             raise RuntimeError(f"{policy.name}: stalled with {len(pending)} pending and none running")

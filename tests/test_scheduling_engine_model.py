@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scheduling import make_policy, simulate, synthetic_trace
-from scheduling.engine_model import EngineKVModel, engine_kv_lower_bound_steps
+from scheduling.engine_model import EngineKVModel, engine_kv_lower_bound_steps, preemption_priority
 from scheduling.kv_projection import engine_kv_now, projected_peak
 from scheduling.predictors import OracleLengthPredictor
 from scheduling.types import Seq
@@ -75,14 +75,14 @@ def test_engine_model_preempts_by_predicted_length(victim, admitted, preempted, 
     eng = EngineKVModel(capacity_tokens=8, block_tokens=2, victim=victim)  # 4 blocks
     seqs = {n: Seq(n, n, 1, 10) for n in "abcd"}
     for n, predicted in (("a", 3), ("b", 9), ("c", 5)):
-        eng.add(seqs[n], priority=predicted)
+        eng.add(seqs[n], priority=preemption_priority(victim, predicted))
     assert "".join(s.seq_id for s in eng.schedule()) == admitted
     for n in "abc":
         seqs[n].generated += 2  # the next token needs 2 blocks each: 6 > 4, one preemption
     run = eng.schedule()
     assert sorted(s.seq_id for s in run) == sorted(set("abc") - {preempted})
     assert eng.preemptions == 1 and eng.recomputed_tokens == 3
-    eng.add(seqs["d"], priority=6)
+    eng.add(seqs["d"], priority=preemption_priority(victim, 6))
     eng.remove(seqs["c"])
     # one request running (2 blocks); d needs 1 block, the preempted one 2: only d fits
     assert "".join(s.seq_id for s in eng.schedule()) == after

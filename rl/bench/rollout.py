@@ -77,8 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="length_aware admissions, comma-separated: optimistic, conservative")
     p.add_argument("--preemption", default="lifo",
                    help="length_aware's choice of what vLLM preempts, comma-separated: lifo (vLLM's "
-                        "default, the most recently scheduled), predicted_longest (vLLM's priority "
-                        "scheduling, priority = predicted output length)")
+                        "default, the most recently scheduled), predicted_longest, predicted_shortest "
+                        "(vLLM's priority scheduling by predicted output length)")
     p.add_argument("--engine-model", action="store_true",
                    help="simulation: every policy in a model of a vLLM engine of --kv-budget tokens "
                         "(blocks of --block-size, shared prompt blocks, preemption)")
@@ -211,7 +211,7 @@ def simulate_policies(
     admission: length_aware's (optimistic | conservative). engine_block_tokens: run every policy
     in the model of a vLLM engine of kv_budget_tokens (blocks of this size, prompt blocks shared,
     preemption: scheduling/engine_model.py); None: the plain decode-step model. preemption:
-    length_aware's victim in that model (lifo | predicted_longest)."""
+    length_aware's victim in that model (scheduling.engine_model.PREEMPTIONS)."""
     trace = Trace.coerce(trace)
     if kv_budget_tokens is None:
         kv_budget_tokens = default_kv_budget(trace, slots)
